@@ -1,0 +1,160 @@
+"""The run configuration: one typed, validated record, read from YAML and overridden by CLI flags.
+
+Every field carries its help text; ``cli.py`` builds its options from them, so ``--help``, ``config.yaml`` and
+this file never disagree. ``validate()`` raises a one-line ``ValueError`` naming the field, the value and what
+is allowed, before anything is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .data import TASKS
+from .inference.runner import Schedule
+from .inference.sgld import PRECONDITIONERS
+
+
+def _f(default, help: str, **kw):
+    meta = {"help": help, **kw}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    # what to fine-tune, on what
+    task: str = _f("bbc-news", "task name (bbc-news is the offline default; GLUE/SuperGLUE need --data-dir offline)")
+    data_dir: str | None = _f(None, "directory with the task's distribution files (GLUE: train.tsv, dev.tsv)")
+    backbone: str = _f("minilm-l6", "minilm-l6 (packaged), tiny-bert, hf:<hub id or dir>, timm:<name>")
+    pretrained: bool = _f(True, "load pretrained weights (timm / hf); false = random initialisation")
+    device: str = _f("cpu", "torch device: cpu, cuda, cuda:1, ...")
+    seed: int = _f(0, "seed for data split, head initialisation, dropout and Langevin noise")
+    max_length: int = _f(64, "tokens per example after truncation")
+    batch_size: int = _f(16, "minibatch size |B| in both stages")
+    eval_batch_size: int = _f(64, "batch size for evaluation")
+    train_size: int | None = _f(None, "cap the training set at this many examples (seeded subset)")
+    shots_per_class: int = _f(32, "bbc-news: training examples per class")
+    include: list[str] = _f(["*"], "search space: glob patterns of covered parameter names", nargs="+")
+    exclude: list[str] = _f([], "search space: glob patterns to leave out (the head is always out)", nargs="*")
+    # the model
+    alpha: float = _f(0.01, "Gamma shape α of the prior on λ")
+    beta: float = _f(100.0, "Gamma rate β of the prior on λ (prior mean α/β)")
+    n_hat: float = _f(1e9, "effective data size N̂ (likelihood weight)")
+    sigma: float = _f(1.0, "regression tasks: noise scale σ of the Normal likelihood")
+    # stage 1: SGLD
+    steps: int = _f(300, "stage-1 steps in all (warm-up + burn-in + sampling)")
+    warmup: int = _f(100, "warm-up steps: plain optimisation of θ and head, no prior, no noise")
+    burnin: int = _f(100, "burn-in steps: SGLD, nothing collected")
+    thin: int = _f(10, "collect every thin-th SGLD state in the sampling phase")
+    lr: float = _f(1e-4, "stage-1 learning rate for θ (η = 2·lr/N̂)")
+    lr_lambda: float = _f(1e-2, "stage-1 learning rate for log λ")
+    head_lr: float = _f(1e-3, "learning rate of the head (Adam, both stages unless --stage2-head-lr)")
+    lambda_init: float = _f(1e-4, "initial λ₀ of every coordinate")
+    gamma: float = _f(1.0, "noise discount γ (temperature γ²); 0 is MAP")
+    preconditioner: str = _f("rmsprop", "none (SGLD), rmsprop (pSGLD), adam (the original code; not a sampler)",
+                             choices=PRECONDITIONERS)
+    clip_norm: float | None = _f(None, "clip the stage-1 gradient of (θ, log λ) to this total norm")
+    n_tracked: int = _f(256, "coordinates whose full traces are kept")
+    checkpoint_every: int = _f(100, "stage-1 checkpoint interval in steps")
+    # mask
+    p: float | None = _f(0.005, "fraction of covered coordinates to fine-tune in stage 2 (top-p by λ̂)")
+    threshold: float | None = _f(None, "instead of p: fine-tune every coordinate with λ̂ > threshold")
+    # stage 2
+    stage2_steps: int = _f(300, "stage-2 steps")
+    stage2_lr: float = _f(1e-3, "stage-2 learning rate of the masked coordinates (AdamW)")
+    stage2_head_lr: float | None = _f(None, "stage-2 learning rate of the head (default: --head-lr)")
+    weight_decay: float = _f(0.0, "stage-2 decoupled weight decay (masked coordinates and head only)")
+
+    def validate(self) -> "RunConfig":
+        if self.task not in TASKS:
+            raise ValueError(f"task: unknown value {self.task!r}; choose one of: {', '.join(TASKS)}")
+        if self.data_dir is not None and not Path(self.data_dir).is_dir():
+            raise ValueError(f"data_dir: {self.data_dir!r} is not a directory")
+        for name in ("max_length", "batch_size", "eval_batch_size", "shots_per_class", "n_tracked",
+                     "checkpoint_every", "stage2_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)!r}")
+        if self.train_size is not None and self.train_size < 1:
+            raise ValueError(f"train_size: must be >= 1 or unset, got {self.train_size!r}")
+        for name in ("alpha", "beta", "n_hat", "sigma", "lr", "lr_lambda", "head_lr", "lambda_init", "stage2_lr"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name}: must be a positive number, got {value!r}")
+        if self.gamma < 0:
+            raise ValueError(f"gamma: must be >= 0 (0 is MAP), got {self.gamma!r}")
+        if self.preconditioner not in PRECONDITIONERS:
+            raise ValueError(f"preconditioner: unknown value {self.preconditioner!r}; "
+                             f"choose one of: {', '.join(PRECONDITIONERS)}")
+        if (self.p is None) == (self.threshold is None):
+            raise ValueError(f"p: give exactly one of p and threshold (p={self.p!r}, threshold={self.threshold!r})")
+        if self.p is not None and not 0 < self.p <= 1:
+            raise ValueError(f"p: must be a fraction in (0, 1], got {self.p!r}")
+        if self.threshold is not None and not self.threshold > 0:
+            raise ValueError(f"threshold: must be > 0, got {self.threshold!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay!r}")
+        self.schedule()
+        return self
+
+    def schedule(self) -> Schedule:
+        return Schedule(self.steps, self.warmup, self.burnin, self.thin)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "RunConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown field {unknown[0]!r}; known fields: {', '.join(sorted(known))}")
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        return cls(**{k: coerce(k, types[k], v) for k, v in values.items()})
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "RunConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config: {str(path)!r} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"config: {str(path)!r} is not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"config: {str(path)!r} must hold a mapping of field: value")
+        return cls.from_dict({k.replace("-", "_"): v for k, v in values.items()}, source=f"config {path.name}")
+
+
+def coerce(name: str, kind: str, value):
+    """Convert a YAML or command-line value to the field's declared type, or say which field is wrong."""
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if "None" in kind:
+            return None
+        raise ValueError(f"{name}: must be set (a {kind}), got {value!r}")
+    base = kind.replace(" | None", "")
+    try:
+        if base == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes"):
+                return True
+            if str(value).lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if base == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if base == "float":
+            return float(value)
+        if base == "list[str]":
+            return [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+        return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a {base}, got {value!r}") from None

@@ -1,0 +1,105 @@
+"""The streaming posterior: moments of every covered coordinate, traces of a tracked subset, per chain.
+
+Storing every sample of d coordinates is impossible at foundation-model scale, so each collected sample
+updates running moments (Welford) of λ — and of θ − θ̄ if asked — for all d coordinates, and appends the
+values of K seeded, tracked coordinates plus per-sample statistics (minibatch loss, log joint) to traces.
+Moments are kept per chain and pooled on demand (Chan et al.'s parallel combination).
+
+Files: ``posterior.safetensors`` (tensors) and ``posterior.json`` (layout, counts, settings).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..io import load_tensors, read_json, save_tensors, write_json
+from ..models.lifted import Layout
+
+STATS = ("loss", "log_joint")
+
+
+class StreamingPosterior:
+    """Running moments of λ (and optionally θ − θ̄) for all coordinates; traces of ``n_tracked`` of them."""
+
+    def __init__(self, layout: Layout, *, chains: int = 1, n_tracked: int = 256, track_delta_moments: bool = False,
+                 seed: int = 0, device: str | torch.device = "cpu"):
+        self.layout, self.chains = layout, chains
+        gen = torch.Generator().manual_seed(seed)
+        k = min(n_tracked, layout.d)
+        self.tracked_index = torch.randperm(layout.d, generator=gen)[:k].sort().values.to(device)
+        self.counts = [0] * chains
+        moments = ("lambda", "delta") if track_delta_moments else ("lambda",)
+        self.mean = {m: torch.zeros(chains, layout.d, device=device) for m in moments}
+        self.m2 = {m: torch.zeros(chains, layout.d, device=device) for m in moments}
+        self.traces: list[dict[str, list[torch.Tensor]]] = [
+            {name: [] for name in ("lambda", "delta") + STATS} for _ in range(chains)
+        ]
+
+    @property
+    def d(self) -> int:
+        return self.layout.d
+
+    @torch.no_grad()
+    def update(self, chain: int, lam: torch.Tensor, delta: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
+        """Add one sample of chain ``chain``: λ and θ − θ̄ (flat, length d) and scalar statistics."""
+        self.counts[chain] += 1
+        n = self.counts[chain]
+        for m, x in (("lambda", lam), ("delta", delta)):
+            if m in self.mean:
+                mean, m2 = self.mean[m][chain], self.m2[m][chain]
+                step = x - mean
+                mean.add_(step, alpha=1.0 / n)
+                m2.addcmul_(step, x - mean)
+        trace = self.traces[chain]
+        trace["lambda"].append(lam[self.tracked_index].clone())
+        trace["delta"].append(delta[self.tracked_index].clone())
+        for name in STATS:
+            trace[name].append(stats[name].detach().reshape(()).clone())
+
+    def pooled(self, moment: str = "lambda") -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, variance) over all chains' samples for every coordinate."""
+        counts = torch.tensor(self.counts, dtype=self.mean[moment].dtype, device=self.mean[moment].device)
+        if counts.sum() == 0:
+            raise ValueError("posterior: no samples collected; the sampling phase must be at least `thin` steps")
+        w = counts / counts.sum()
+        mean = (w[:, None] * self.mean[moment]).sum(0)
+        m2 = self.m2[moment].sum(0) + (counts[:, None] * (self.mean[moment] - mean) ** 2).sum(0)
+        return mean, m2 / (counts.sum() - 1).clamp(min=1)
+
+    @property
+    def lambda_mean(self) -> torch.Tensor:
+        """λ̂: the posterior mean of λ for every covered coordinate (pooled over chains)."""
+        return self.pooled("lambda")[0]
+
+    def trace(self, name: str) -> torch.Tensor:
+        """Traces as a (chain, draw, …) tensor, cut to the shortest chain."""
+        draws = min(len(t[name]) for t in self.traces)
+        return torch.stack([torch.stack(t[name][:draws]) if draws else torch.empty(0) for t in self.traces])
+
+    def save(self, run_dir: str | os.PathLike, extra: dict | None = None) -> None:
+        tensors = {"tracked_index": self.tracked_index}
+        for m in self.mean:
+            tensors[f"{m}_mean"], tensors[f"{m}_m2"] = self.mean[m], self.m2[m]
+        for name in self.traces[0]:
+            tensors[f"trace.{name}"] = self.trace(name)
+        save_tensors(Path(run_dir) / "posterior.safetensors", tensors)
+        write_json(Path(run_dir) / "posterior.json",
+                   {"chains": self.chains, "counts": self.counts, "d": self.d, "layout": self.layout.to_json(),
+                    **(extra or {})})
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> "StreamingPosterior":
+        meta = read_json(Path(run_dir) / "posterior.json")
+        tensors = load_tensors(Path(run_dir) / "posterior.safetensors", device)
+        post = cls.__new__(cls)
+        post.layout, post.chains, post.counts = Layout.from_json(meta["layout"]), meta["chains"], meta["counts"]
+        post.tracked_index = tensors["tracked_index"]
+        moments = [k[: -len("_mean")] for k in tensors if k.endswith("_mean")]
+        post.mean = {m: tensors[f"{m}_mean"] for m in moments}
+        post.m2 = {m: tensors[f"{m}_m2"] for m in moments}
+        names = [k[len("trace."):] for k in tensors if k.startswith("trace.")]
+        post.traces = [{n: list(tensors[f"trace.{n}"][c].unbind(0)) for n in names} for c in range(post.chains)]
+        post.meta = meta
+        return post

