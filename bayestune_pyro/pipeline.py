@@ -133,11 +133,15 @@ def stage2(config: RunConfig, run_dir: str | os.PathLike, progress: bool = True)
     return metrics
 
 
+def write_config(config: RunConfig, run_dir: str | os.PathLike) -> None:
+    write_yaml(Path(run_dir) / "config.yaml", config.to_dict())
+
+
 def run(config: RunConfig, run_dir: str | os.PathLike, progress: bool = True) -> dict:
     """The whole pipeline; stages whose outputs already exist in ``run_dir`` are not repeated."""
     config.validate()
     run_dir = Path(run_dir)
-    write_yaml(run_dir / "config.yaml", config.to_dict())
+    write_config(config, run_dir)
     if not (run_dir / "posterior.json").exists():
         stage1(config, run_dir, progress)
     if not (run_dir / "mask.json").exists():

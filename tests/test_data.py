@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import sys
+import types
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -23,6 +25,14 @@ REAL_GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 
 def texts(examples):
     return [(e.text_a, e.text_b, e.label) for e in examples]
+
+
+def one_line_error(match, *args, **kwargs):
+    """load_task(*args, **kwargs) must raise a one-line ValueError matching ``match``."""
+    with pytest.raises(ValueError, match=match) as info:
+        load_task(*args, **kwargs)
+    assert "\n" not in str(info.value)
+    return str(info.value)
 
 
 # --- registry ---------------------------------------------------------------------------------
@@ -122,6 +132,28 @@ def test_qqp_skips_short_rows_with_a_warning(caplog):
     assert "skipped 1 rows" in caplog.text
 
 
+def test_hub_records_map_to_the_same_examples(monkeypatch):
+    """The hub path (never reached for real in tests) renames fields and keeps label ids."""
+    splits = {"train": [{"premise": "The boy sleeps.", "hypothesis": "A child rests.", "label": 0, "idx": 0}],
+              "validation_matched": [{"premise": "P.", "hypothesis": "H.", "label": 2, "idx": 0}]}
+    calls = []
+    monkeypatch.setitem(sys.modules, "datasets",
+                        types.SimpleNamespace(load_dataset=lambda *args: calls.append(args) or splits))
+    data = load_task("mnli")
+    assert calls == [("nyu-mll/glue", "mnli")]
+    assert texts(data.train) == [("The boy sleeps.", "A child rests.", 0)]
+    assert texts(data.test) == [("P.", "H.", 2)]
+
+
+def test_unreachable_hub_is_a_one_line_error(monkeypatch):
+    def offline(*args):
+        raise ConnectionError("no network\nat all")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    one_line_error(r"^data_dir: not given and the Hugging Face hub is unreachable for aps/super_glue/rte .*"
+                   r"pass --data-dir", "superglue-rte")
+
+
 # --- real GLUE files ----------------------------------------------------------------------------
 
 @pytest.mark.skipif(not REAL_GLUE.is_dir(), reason=f"{REAL_GLUE} not present")
@@ -148,7 +180,8 @@ def test_bbc_news_few_shot_split():
     assert data.spec.label_names == ("business", "entertainment", "politics", "sports", "tech")
     assert Counter(e.label for e in data.train) == {c: 32 for c in range(5)}
     assert len(data.test) == 2225 - 160
-    assert not set(data.train) & set(data.test)
+    everything = load_task("bbc-news", shots_per_class=1)
+    assert Counter(data.train) + Counter(data.test) == Counter(everything.train + everything.test)  # a partition
     assert all(e.text_b is None and "\n" not in e.text_a for e in data.train)
     assert texts(load_task("bbc-news", seed=0).train) == texts(data.train)
     assert texts(load_task("bbc-news", seed=1).train) != texts(data.train)
@@ -174,13 +207,6 @@ def test_train_size_and_validation_are_seeded_and_disjoint():
 
 # --- bad inputs ---------------------------------------------------------------------------------
 
-def one_line_error(match, *args, **kwargs):
-    with pytest.raises(ValueError, match=match) as info:
-        load_task(*args, **kwargs)
-    assert "\n" not in str(info.value)
-    return str(info.value)
-
-
 def test_bad_arguments():
     message = one_line_error(r"^task: unknown value 'foo'; choose one of: bbc-news, cola, ", "foo")
     assert message.endswith("wic")
@@ -197,6 +223,12 @@ def test_missing_files(tmp_path):
     one_line_error(r"has no train\.jsonl \(expected the SuperGLUE layout: train\.jsonl, val\.jsonl\)$",
                    "boolq", tmp_path)
     one_line_error(r"has no business/\*\.txt", "bbc-news", tmp_path)
+
+
+def test_non_utf8_file(tmp_path):
+    (tmp_path / "train.tsv").write_bytes(b"sentence\tlabel\n\xa3 cheap \t1\n")
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\n")
+    one_line_error(r"train\.tsv: not UTF-8 \(invalid start byte at byte 15\)$", "sst2", tmp_path)
 
 
 @pytest.mark.parametrize("name, file, content, match", [

@@ -4,7 +4,7 @@ Everything is in per-sample units: ĝ = ∇(U/N̂), the gradient of the mean min
 negative log prior. With the paper's step η = 2·lr/N̂, eq. 5  z ← z + (η/2)∇log p + γ√η·ξ  becomes
 
     none     z ← z − lr·ĝ + γ·√(2·lr/N̂)·ξ
-    rmsprop  v ← ρ·v + (1−ρ)·ĝ²,  G = 1/(√v + ε),  z ← z − lr·G·ĝ + γ·√(2·lr·G/N̂)·ξ     (pSGLD, no Γ term)
+    rmsprop  v ← ρ·v + (1−ρ)·ĝ²,  G = 1/(√(v/(1−ρᵗ)) + ε),  z ← z − lr·G·ĝ + γ·√(2·lr·G/N̂)·ξ     (pSGLD, no Γ term)
     adam     g̃ = ĝ + γ·√(2/(lr·N̂))·ξ, then an Adam step on g̃   (the original code; *not* a valid sampler)
 
 ξ ~ N(0, I); γ is the noise discount (temperature T = γ²; γ = 0 is MAP/optimisation). Each site has its own lr
@@ -28,7 +28,7 @@ class SGLDConfig:
     n_hat: float = 1e9
     gamma: float = 1.0
     preconditioner: str = "rmsprop"
-    rho: float = 0.99
+    rho: float = 0.999  # slow preconditioner: G ~ constant over a relaxation time, so dropping Γ costs ~1%
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     clip_norm: float | None = None
@@ -85,7 +85,8 @@ class SGLD:
                 z.add_(xi, alpha=gamma * math.sqrt(2.0 * lr / cfg.n_hat))
         elif cfg.preconditioner == "rmsprop":
             v = s["v"].mul_(cfg.rho).addcmul_(g, g, value=1.0 - cfg.rho)
-            precond = v.sqrt().add_(cfg.eps).reciprocal_()  # G
+            # bias-corrected like Adam's second moment, so the first steps are not scaled by 1/ε
+            precond = v.sqrt().div_(math.sqrt(1.0 - cfg.rho**t)).add_(cfg.eps).reciprocal_()  # G
             z.addcmul_(precond, g, value=-lr)
             if xi is not None:
                 z.addcmul_(precond.sqrt_(), xi, value=gamma * math.sqrt(2.0 * lr / cfg.n_hat))

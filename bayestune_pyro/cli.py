@@ -1,0 +1,150 @@
+"""`bayestune`: the command line.
+
+    bayestune run    [--config FILE] [--out DIR] [options]   stage 1 → mask → stage 2 → metrics, one run directory
+    bayestune stage1 [--config FILE] [--out DIR] [options]   stage 1 only (writes the posterior)
+    bayestune export RUN [--p P | --threshold T]            mask from the posterior of RUN
+    bayestune stage2 RUN [options]                          stage 2 + evaluation from RUN's mask
+
+Options come from :class:`RunConfig`; precedence is flags > ``--config`` file > RUN/config.yaml > defaults.
+Errors are one line on stderr and a non-zero exit, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+from .config import RunConfig
+
+EXIT_ERROR = 2
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("run configuration (defaults in brackets)")
+    group.add_argument("--config", metavar="FILE", help="YAML file of options (keys as below, - or _)")
+    for f in dataclasses.fields(RunConfig):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} [{default}]"
+        if f.type == "bool":
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=help_text)
+            continue
+        group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=help_text,
+                           nargs=f.metadata.get("nargs"), choices=f.metadata.get("choices"),
+                           metavar=f.name.upper() if "choices" not in f.metadata else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bayestune",
+        description="BayesTune: Bayesian sparse fine-tuning. Stage 1 samples the Gamma-Laplace posterior of the "
+                    "backbone with SGLD; the largest posterior-mean scales λ̂ pick the coordinates that stage 2 "
+                    "fine-tunes; the result is a small sparse delta.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, text in (("run", "stage 1 → mask → stage 2 → metrics into one run directory"),
+                       ("stage1", "stage 1 only: sample (θ, λ) and write the posterior")):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--out", metavar="DIR", help="run directory [runs/<task>]")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+        _add_config_options(p)
+    p = sub.add_parser("export", help="mask from a run's posterior (top-p or threshold on λ̂)",
+                       description="Write RUN/mask.safetensors from RUN/posterior.safetensors.")
+    p.add_argument("run_dir", metavar="RUN", help="run directory holding posterior.safetensors")
+    choice = p.add_mutually_exclusive_group()
+    choice.add_argument("--p", type=float, help="fraction of coordinates to keep (top-p by λ̂) [RUN's p]")
+    choice.add_argument("--threshold", type=float, help="keep every coordinate with λ̂ > threshold")
+    p = sub.add_parser("stage2", help="fine-tune the masked coordinates of a run and evaluate",
+                       description="Stage 2 from RUN/mask.safetensors; writes delta.safetensors and metrics.json.")
+    p.add_argument("run_dir", metavar="RUN", help="run directory holding mask.safetensors and config.yaml")
+    _add_config_options(p)
+    return parser
+
+
+def resolve_config(args: argparse.Namespace, base: dict | None = None) -> RunConfig:
+    values = dict(base or {})
+    if getattr(args, "config", None):
+        values.update(dataclasses.asdict(RunConfig.from_yaml(args.config)))
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return RunConfig.from_dict(values, source="option").validate()
+
+
+def _existing_config(run_dir: Path) -> dict:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ValueError(f"run: {str(run_dir)!r} has no config.yaml (not a run directory)")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _prepare_out(config: RunConfig, out: Path, overwrite: bool) -> None:
+    """Refuse to mix two configurations in one directory; the same configuration resumes."""
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    if (out / "config.yaml").is_file():
+        old = RunConfig.from_dict(_existing_config(out)).to_dict()
+        changed = [k for k, v in config.to_dict().items() if old.get(k) != v]
+        if changed:
+            k = changed[0]
+            raise ValueError(f"out: {str(out)!r} holds a run with {k}={old.get(k)!r} (now {getattr(config, k)!r}); "
+                             "pass --overwrite or choose another --out")
+    elif out.exists() and any(out.iterdir()):
+        raise ValueError(f"out: {str(out)!r} exists and is not a run directory; choose another --out")
+
+
+def _command(args: argparse.Namespace) -> dict | None:
+    from . import pipeline  # heavy imports only once the arguments are known to be sane
+
+    if args.command in ("run", "stage1"):
+        config = resolve_config(args)
+        out = Path(args.out or f"runs/{config.task}")
+        _prepare_out(config, out, args.overwrite)
+        created = not out.exists()
+        try:
+            if args.command == "run":
+                return pipeline.run(config, out)
+            pipeline.write_config(config, out)
+            pipeline.stage1(config, out)
+            return {"posterior": str(out / "posterior.safetensors")}
+        except BaseException:
+            if created and out.exists() and {p.name for p in out.iterdir()} <= {"config.yaml"}:
+                shutil.rmtree(out)  # nothing was produced: leave no half-made run behind
+            raise
+    run_dir = Path(args.run_dir)
+    base = _existing_config(run_dir)
+    if args.command == "export":
+        p, threshold = args.p, args.threshold
+        if p is None and threshold is None:
+            p, threshold = base.get("p"), base.get("threshold")
+        mask = pipeline.export(run_dir, p=p, threshold=threshold)
+        return {"mask": str(run_dir / "mask.safetensors"), "k": mask.k, "d": mask.layout.d, "p": mask.p,
+                "threshold": mask.threshold, "lambda_cut": mask.info.get("lambda_cut")}
+    config = resolve_config(args, base)
+    pipeline.write_config(config, run_dir)
+    return pipeline.stage2(config, run_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = _command(args)
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"bayestune: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("bayestune: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
