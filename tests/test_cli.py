@@ -1,0 +1,77 @@
+"""The command line: help, bad input as one-line errors with nothing left behind, config files and overrides."""
+import subprocess
+import sys
+
+import pytest
+
+from bayestune_pyro.cli import build_parser, main, resolve_config
+
+FAST = ["--backbone", "tiny-bert", "--shots-per-class", "2", "--max-length", "16", "--steps", "6", "--warmup", "2",
+        "--burnin", "2", "--thin", "1", "--stage2-steps", "2"]
+
+
+@pytest.mark.parametrize("args,field", [
+    (["--p", "-0.1"], "p:"),
+    (["--p", "1.5"], "p:"),
+    (["--task", "imagenet-21k"], "task:"),
+    (["--task", "rte", "--data-dir", "/nonexistent/glue/RTE"], "data_dir:"),
+    (["--burnin", "100", "--steps", "50"], "burnin:"),
+    (["--lr", "abc"], "lr:"),
+    (["--gamma", "-1"], "gamma:"),
+])
+def test_bad_values_give_one_line_and_no_run_directory(tmp_path, capsys, args, field):
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bayestune: error: " + field) and "\n" not in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_missing_task_files_leave_nothing_behind(tmp_path, capsys):
+    empty = tmp_path / "RTE"
+    empty.mkdir()
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), *FAST, "--task", "rte", "--data-dir", str(empty)]) == 2
+    assert "train.tsv" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bayestune_pyro.cli", "run", "--out", str(tmp_path / "r"),
+                             "--p", "2"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "bayestune: error: p: must be a fraction in (0, 1], got 2.0"
+
+
+def test_help_explains_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--n-hat", "--gamma", "--preconditioner", "--warmup", "--burnin", "--thin", "--p", "--config"):
+        assert flag in text
+    assert "[1000000000.0]" in text and "[0.005]" in text
+
+
+def test_config_file_and_flags_override(tmp_path):
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("task: rte\nn_hat: 1e6\nlr: 3e-5\ngamma: 0.5\n")
+    args = build_parser().parse_args(["run", "--config", str(cfg), "--gamma", "0.25",
+                                      "--data-dir", str(tmp_path)])
+    config = resolve_config(args)
+    assert (config.task, config.n_hat, config.lr, config.gamma) == ("rte", 1e6, 3e-5, 0.25)
+
+
+def test_unknown_config_field_is_named(tmp_path, capsys):
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("learning_rate: 0.1\n")
+    assert main(["run", "--config", str(cfg), "--out", str(tmp_path / "r")]) == 2
+    assert "'learning_rate'" in capsys.readouterr().err
+
+
+def test_existing_run_with_other_settings_is_not_mixed(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["stage1", "--out", str(out), *FAST]) == 0
+    assert main(["run", "--out", str(out), *FAST, "--gamma", "0.5"]) == 2
+    assert "gamma" in capsys.readouterr().err
+    assert main(["run", "--out", str(out), *FAST]) == 0  # same settings: stage 1 is reused, the rest runs
+    assert (out / "metrics.json").exists()

@@ -1,0 +1,118 @@
+"""The whole pipeline on tiny random-initialised backbones: artifacts, mask budget, bitwise θ̄, delta round trip."""
+import json
+import math
+
+import pytest
+import torch
+
+from bayestune_pyro.cli import main
+from bayestune_pyro.config import RunConfig
+from bayestune_pyro.finetune.delta import SparseDelta, merge
+from bayestune_pyro.finetune.stage2 import SparseFineTuner
+from bayestune_pyro.inference.posterior import StreamingPosterior
+from bayestune_pyro.inference.potential import Potential
+from bayestune_pyro.inference.runner import CHECKPOINT, StepSizes, run_stage1
+from bayestune_pyro.inference.sgld import SGLDConfig
+from bayestune_pyro.pipeline import setup
+from bayestune_pyro.selection.masks import Mask
+
+TINY_TEXT = ["--backbone", "tiny-bert", "--shots-per-class", "4", "--max-length", "24", "--steps", "12",
+             "--warmup", "4", "--burnin", "4", "--thin", "2", "--stage2-steps", "6", "--n-tracked", "32"]
+
+
+def test_run_writes_a_complete_run_directory(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), *TINY_TEXT, "--p", "0.01"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"config.yaml", "posterior.safetensors", "posterior.json", "mask.safetensors", "mask.json",
+            "delta.safetensors", "metrics.json"} <= names
+    assert CHECKPOINT not in names
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "bbc-news" and metrics["metric"] == "accuracy"
+    assert 0 <= metrics["test_accuracy"] <= 1
+    assert metrics["n_updated"] == math.floor(0.01 * metrics["n_total"])
+    assert set(metrics["seconds"]) == {"stage1", "stage2"}
+    posterior = StreamingPosterior.load(out)
+    assert posterior.counts == [2] and posterior.trace("lambda").shape == (1, 2, 32)  # 4 sampling steps, thin 2
+    assert json.loads(capsys.readouterr().out)["n_updated"] == metrics["n_updated"]
+
+
+def test_stage2_keeps_unmasked_coordinates_bitwise_and_delta_round_trips(tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), *TINY_TEXT, "--stage2-lr", "0.05", "--weight-decay", "0.1"]) == 0
+    config = RunConfig.from_dict(__import__("yaml").safe_load((out / "config.yaml").read_text()))
+    mask = Mask.load(out)
+    assert mask.k == math.floor(config.p * mask.layout.d)
+    merged = merge(out / "delta.safetensors")
+    fresh = setup(config)  # the pretrained backbone as stage 2 saw it
+    merged_params = dict(merged.model.named_parameters())
+    theta = torch.cat([merged_params[n].detach().reshape(-1) for n in fresh.lifted.layout.names])
+    changed = theta != fresh.lifted.theta_bar
+    assert changed.any()
+    assert not changed[~mask.dense()].any()  # every unmasked covered coordinate is exactly θ̄
+    # identical logits: the merged model vs the stage-2 parametrisation θ̄ + scatter(δ)
+    sparse = SparseDelta.load(out / "delta.safetensors")
+    tuner = SparseFineTuner(fresh.lifted, mask.index, fresh.nll)
+    with torch.no_grad():
+        names = [n for n in fresh.lifted.layout.names if n in sparse.updates]  # layout order = mask order
+        tuner.delta.copy_(torch.cat([sparse.updates[n][1] for n in names]))
+        named = dict(fresh.lifted.model.named_parameters())
+        for name, value in sparse.head.items():  # the trained head (the backbone part stays θ̄)
+            named[name].copy_(value)
+    batch = next(iter(fresh.test_loader()))
+    merged.model.eval(), fresh.lifted.model.eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        assert torch.equal(merged.model(**inputs).logits, tuner.forward(batch))
+    assert (out / "delta.safetensors").stat().st_size < 0.05 * 4 * (fresh.lifted.d)
+
+
+def test_timm_backbone_on_digits(tmp_path):
+    out = tmp_path / "vision"
+    args = ["run", "--out", str(out), "--task", "digits", "--backbone", "timm:test_efficientnet", "--no-pretrained",
+            "--steps", "10", "--warmup", "4", "--burnin", "2", "--thin", "2", "--stage2-steps", "4",
+            "--batch-size", "32", "--p", "0.02"]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "digits" and metrics["n_updated"] == math.floor(0.02 * metrics["n_total"])
+
+
+def test_stages_one_at_a_time(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["stage1", "--out", str(out), *TINY_TEXT]) == 0
+    assert main(["export", str(out), "--threshold", "1e-12"]) == 0
+    exported = json.loads(capsys.readouterr().out.split("\n}\n")[-2] + "\n}")
+    assert exported["threshold"] == 1e-12 and exported["k"] > 0
+    assert main(["export", str(out), "--p", "0.002"]) == 0
+    assert main(["stage2", str(out), "--stage2-steps", "3"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["p"] == 0.002 and metrics["n_updated"] == math.floor(0.002 * metrics["n_total"])
+
+
+def test_interrupted_stage1_resumes_to_the_same_posterior(tmp_path):
+    config = RunConfig(backbone="tiny-bert", shots_per_class=4, max_length=24, steps=12, warmup=4, burnin=2, thin=2,
+                       n_tracked=16)
+
+    def chain(run_dir, stop_after=None):
+        s = setup(config)
+        post = StreamingPosterior(s.lifted.layout, n_tracked=16)
+        batches = s.train_batches()
+
+        def limited():
+            for i, b in enumerate(batches):
+                if stop_after is not None and i == stop_after:
+                    raise KeyboardInterrupt
+                yield b
+
+        run_stage1(Potential(s.model), limited(), config.schedule(), SGLDConfig(), StepSizes(), post,
+                   checkpoint_dir=run_dir, checkpoint_every=3, progress=False)
+        return post
+
+    whole = chain(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        chain(tmp_path / "b", stop_after=8)
+    assert (tmp_path / "b" / CHECKPOINT).exists()
+    resumed = chain(tmp_path / "b")
+    assert resumed.counts == whole.counts
+    assert torch.equal(resumed.lambda_mean, whole.lambda_mean)
+    assert torch.equal(resumed.trace("delta"), whole.trace("delta"))
