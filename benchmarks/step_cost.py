@@ -89,10 +89,8 @@ def sgld(batches, n, preconditioner):
     lrs = {"theta": 1e-4, "lambda": 1e-2}
 
     def step(batch):
-        for t in z.values():
-            t.grad = None
-        potential.backward(z, batch)
-        kernel.step(z, lrs)
+        _, grads = potential.gradient(z, batch)
+        kernel.step(z, grads, lrs)
         head_opt.step()
         head_opt.zero_grad(set_to_none=True)
 

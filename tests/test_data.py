@@ -38,7 +38,7 @@ def one_line_error(match, *args, **kwargs):
 # --- registry ---------------------------------------------------------------------------------
 
 def test_registry():
-    assert task_names() == ["bbc-news", "cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli",
+    assert task_names() == ["bbc-news", "digits", "cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli",
                             "boolq", "cb", "superglue-rte", "wic"]
     for spec in TASKS.values():
         assert spec.is_regression == (spec.num_labels == 1)
@@ -209,7 +209,7 @@ def test_train_size_and_validation_are_seeded_and_disjoint():
 # --- bad inputs ---------------------------------------------------------------------------------
 
 def test_bad_arguments():
-    message = one_line_error(r"^task: unknown value 'foo'; choose one of: bbc-news, cola, ", "foo")
+    message = one_line_error(r"^task: unknown value 'foo'; choose one of: bbc-news, digits, cola, ", "foo")
     assert message.endswith("wic")
     one_line_error(r"^data_dir: '/no/such/dir' does not exist$", "rte", "/no/such/dir")
     one_line_error(r"^validation_fraction: 0.7 is outside \[0, 0.5\]$", "rte", FIXTURES / "glue",
@@ -373,3 +373,11 @@ def test_metric_input_errors():
         compute_metrics(BINARY, np.zeros(3), np.zeros(4))
     with pytest.raises(ValueError, match="^labels: empty$"):
         compute_metrics(BINARY, np.zeros(0), np.zeros(0))
+
+
+def test_digits_images_split_and_batches():
+    data = load_task("digits", seed=1)
+    assert len(data.train) + len(data.test) == 1797 and len(data.test) == 359
+    batch = next(iter(make_loader(data.train, None, batch_size=8, max_length=0, shuffle=True, seed=1)))
+    assert batch["pixel_values"].shape == (8, 3, 32, 32) and batch["labels"].dtype == torch.long
+    assert [e.label for e in load_task("digits", seed=1).test] == [e.label for e in data.test]

@@ -9,6 +9,8 @@ observation site of the trace and adds the model's closed-form prior gradient (a
 """
 from __future__ import annotations
 
+import math
+
 import pyro
 import torch
 from pyro import poutine
@@ -21,25 +23,42 @@ LATENT_SITES = ("theta", "lambda")
 
 
 class Potential:
-    """U/N̂ of a :class:`GammaLaplaceModel` with backward passes that fill ``z[site].grad`` and the head's grads."""
+    """U/N̂ of a :class:`GammaLaplaceModel` and its gradient with respect to z (and the head's, into ``.grad``).
+
+    In fast mode θ is bound to the network (:meth:`LiftedBackbone.bind`) and every gradient lands in persistent
+    flat buffers, so a step allocates nothing of size d. Exact mode keeps z as autograd leaves (for tests).
+    """
 
     def __init__(self, model: GammaLaplaceModel, fast: bool = True):
         self.model, self.fast = model, fast
         self.transforms = {"theta": biject_to(constraints.real), "lambda": biject_to(constraints.positive)}
 
     def init(self, lam0: float) -> dict[str, torch.Tensor]:
-        """Unconstrained start: θ = θ̄, λ = λ₀ everywhere (leaf tensors that require grad)."""
+        """Unconstrained start z: θ = θ̄ and log λ = log λ₀ everywhere."""
         theta_bar = self.model.lifted.theta_bar
-        theta = theta_bar.clone().requires_grad_(True)
-        log_lam = torch.full_like(theta_bar, float(lam0)).log_().requires_grad_(True)
-        return {"theta": theta, "lambda": log_lam}
+        z = {"theta": theta_bar.clone(), "lambda": torch.full_like(theta_bar, math.log(lam0))}
+        if not self.fast:
+            return {k: v.requires_grad_(True) for k, v in z.items()}
+        self.grads = {k: torch.zeros_like(v) for k, v in z.items()}
+        self.work = tuple(torch.empty_like(theta_bar) for _ in range(3))
+        self.placeholder = theta_bar.new_ones(()).expand_as(theta_bar)
+        self.model.lifted.bind(z["theta"], self.grads["theta"])
+        return z
+
+    def release(self) -> None:
+        """Give the network back its pretrained θ̄ (undo the binding of fast mode)."""
+        if self.fast:
+            self.model.lifted.unbind()
 
     def constrained(self, z: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: self.transforms[k](v) for k, v in z.items()}
 
     def trace(self, z: dict[str, torch.Tensor], batch: dict):
+        return self._trace(self.constrained(z), batch)
+
+    def _trace(self, values: dict[str, torch.Tensor], batch: dict):
         with pyro.validation_enabled(False):
-            return poutine.trace(poutine.condition(self.model, data=self.constrained(z))).get_trace(batch)
+            return poutine.trace(poutine.condition(self.model, data=values)).get_trace(batch)
 
     def _nll(self, tr) -> torch.Tensor:
         return -tr.log_prob_sum(lambda name, site: name not in LATENT_SITES) / self.model.n_hat
@@ -56,24 +75,30 @@ class Potential:
         tr = self.trace(z, batch)
         return self._nll(tr) + self._prior(tr, z)
 
-    def backward(self, z: dict[str, torch.Tensor], batch: dict, with_prior: bool = True) -> torch.Tensor:
-        """Accumulate ∇(U/N̂) (or only its likelihood part) into the grads of z and of the head.
+    def gradient(self, z: dict[str, torch.Tensor], batch: dict,
+                 with_prior: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(minibatch mean NLL, ∇z(U/N̂)); with ``with_prior=False`` only the likelihood part, for θ only.
 
-        Returns the minibatch mean negative log-likelihood, detached.
+        The head's gradient is accumulated into its parameters' ``.grad``.
         """
-        tr = self.trace(z, batch)
-        nll = self._nll(tr)
-        if with_prior and not self.fast:
-            (nll + self._prior(tr, z)).backward()
-            return nll.detach()
+        if not self.fast:
+            for t in z.values():
+                t.grad = None
+            tr = self.trace(z, batch)
+            nll = self._nll(tr)
+            (nll + self._prior(tr, z) if with_prior else nll).backward()
+            grads = {k: t.grad for k, t in z.items()}
+            return nll.detach(), grads if with_prior else {"theta": grads["theta"]}
+        grads = self.grads
+        grads["theta"].zero_()
+        # only the observation site's density is evaluated here, so λ's value is irrelevant: a free placeholder
+        nll = self._nll(self._trace({"theta": z["theta"], "lambda": self.placeholder}, batch))
         nll.backward()
-        if with_prior:
-            theta, log_lam = z["theta"], z["lambda"]
-            if log_lam.grad is None:
-                log_lam.grad = torch.zeros_like(log_lam)
-            self.model.add_log_prior_grad(theta.detach(), log_lam.detach(), theta.grad, log_lam.grad,
-                                          scale=1.0 / self.model.n_hat)
-        return nll.detach()
+        if not with_prior:
+            return nll.detach(), {"theta": grads["theta"]}
+        self.model.prior_grad_(z["theta"], z["lambda"], grads["theta"], grads["lambda"], 1.0 / self.model.n_hat,
+                               self.work)
+        return nll.detach(), grads
 
     @torch.no_grad()
     def log_joint(self, z: dict[str, torch.Tensor], nll: torch.Tensor) -> torch.Tensor:

@@ -96,36 +96,36 @@ def run_stage1(potential: Potential, batches: Iterator[dict], schedule: Schedule
     for _ in range(start):  # replay the batch stream to where the checkpoint left it
         next(batches)
 
-    lifted.model.train()
-    bad = torch.zeros((), dtype=torch.bool, device=device)
-    bar = tqdm(range(start, schedule.steps), initial=start, total=schedule.steps, disable=not progress,
-               desc=f"stage 1 (chain {chain})", dynamic_ncols=True)
-    for step in bar:
-        phase = schedule.phase(step)
-        batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-        for t in z.values():
-            t.grad = None
-        nll = potential.backward(z, batch, with_prior=phase != "warmup")
-        sites = {"theta": z["theta"]} if phase == "warmup" else z
-        sgld.step(sites, lrs, noise=phase != "warmup")
-        head_opt.step()
-        head_opt.zero_grad(set_to_none=True)
-        bad |= ~torch.isfinite(nll)
-        if schedule.collects(step):
-            with torch.no_grad():
-                lam = z["lambda"].detach().exp()
-                posterior.update(chain, lam, z["theta"].detach() - lifted.theta_bar,
-                                 {"loss": nll, "log_joint": potential.log_joint(z, nll)})
-        last = step == schedule.steps - 1
-        if step % log_every == 0 or last:
-            if bad.item():
-                where = f"; last checkpoint: {ckpt_path}" if ckpt_path is not None and ckpt_path.exists() else ""
-                raise NonFiniteError(f"stage 1: loss became NaN/inf at or before step {step} ({phase}){where}; "
-                                     "lower --lr / --lr-lambda or set --clip-norm")
-            bar.set_postfix(phase=phase, nll=f"{nll.item():.4f}", samples=posterior.counts[chain])
-        if ckpt_path is not None and ((step + 1) % checkpoint_every == 0 and not last):
-            _save(ckpt_path, step + 1, z, sgld, head, head_opt, posterior, chain)
-    bar.close()
+    try:
+        lifted.model.train()
+        bad = torch.zeros((), dtype=torch.bool, device=device)
+        bar = tqdm(range(start, schedule.steps), initial=start, total=schedule.steps, disable=not progress,
+                   desc=f"stage 1 (chain {chain})", dynamic_ncols=True)
+        for step in bar:
+            phase = schedule.phase(step)
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            nll, grads = potential.gradient(z, batch, with_prior=phase != "warmup")
+            sgld.step(z, grads, lrs, noise=phase != "warmup")
+            head_opt.step()
+            head_opt.zero_grad(set_to_none=True)
+            bad |= ~torch.isfinite(nll)
+            if schedule.collects(step):
+                with torch.no_grad():
+                    lam = z["lambda"].exp()
+                    posterior.update(chain, lam, z["theta"] - lifted.theta_bar,
+                                     {"loss": nll, "log_joint": potential.log_joint(z, nll)})
+            last = step == schedule.steps - 1
+            if step % log_every == 0 or last:
+                if bad.item():
+                    where = f"; last checkpoint: {ckpt_path}" if ckpt_path is not None and ckpt_path.exists() else ""
+                    raise NonFiniteError(f"stage 1: loss became NaN/inf at or before step {step} ({phase}){where}; "
+                                         "lower --lr / --lr-lambda or set --clip-norm")
+                bar.set_postfix(phase=phase, nll=f"{nll.item():.4f}", samples=posterior.counts[chain])
+            if ckpt_path is not None and ((step + 1) % checkpoint_every == 0 and not last):
+                _save(ckpt_path, step + 1, z, sgld, head, head_opt, posterior, chain)
+        bar.close()
+    finally:
+        potential.release()  # the network gets θ̄ back, even after an error or interrupt
     return {k: v.detach() for k, v in z.items()}
 
 

@@ -46,59 +46,63 @@ class SGLDConfig:
 
 
 class SGLD:
-    """Stateful Langevin updates of a fixed set of flat sites (e.g. θ and log λ)."""
+    """Stateful Langevin updates of a fixed set of flat sites (e.g. θ and log λ).
+
+    Memory per covered coordinate and site: ``v`` (rmsprop) or ``m, v`` (adam); one noise and one scratch
+    buffer are shared by all sites, so a step allocates nothing of size d.
+    """
 
     def __init__(self, config: SGLDConfig, sites: dict[str, torch.Tensor], generator: torch.Generator):
         self.config, self.generator = config, generator
-        self.state = {k: self._fresh_state(v) for k, v in sites.items()}
+        moments = {"none": (), "rmsprop": ("v",), "adam": ("m", "v")}[config.preconditioner]
+        self.state = {k: {m: torch.zeros_like(z, requires_grad=False) for m in moments} for k, z in sites.items()}
         self.steps = {k: 0 for k in sites}  # per site: log λ is frozen during warm-up
-
-    def _fresh_state(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        buffers = {"noise": torch.empty_like(z, requires_grad=False)}
-        if self.config.preconditioner == "rmsprop":
-            buffers["v"] = torch.zeros_like(z, requires_grad=False)
-        if self.config.preconditioner == "adam":
-            buffers["m"] = torch.zeros_like(z, requires_grad=False)
-            buffers["v"] = torch.zeros_like(z, requires_grad=False)
-        return buffers
+        largest = max(sites.values(), key=torch.Tensor.numel)
+        self._noise = torch.empty(largest.numel(), dtype=largest.dtype, device=largest.device)
+        self._scratch = torch.empty_like(self._noise)
 
     @torch.no_grad()
-    def step(self, sites: dict[str, torch.Tensor], lrs: dict[str, float], noise: bool = True) -> None:
-        """One update of every site in ``sites`` from its ``.grad`` (= ∇(U/N̂)); ``noise=False`` optimises."""
+    def step(self, sites: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], lrs: dict[str, float],
+             noise: bool = True) -> None:
+        """Update each site in ``grads`` in place from its gradient ĝ = ∇(U/N̂); ``noise=False`` optimises.
+
+        The gradients may be overwritten (clipping, the adam mode's noise).
+        """
         cfg = self.config
-        grads = {k: z.grad for k, z in sites.items()}
         if cfg.clip_norm is not None:
             total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
             torch._foreach_mul_(list(grads.values()), (cfg.clip_norm / (total + 1e-6)).clamp(max=1.0))
         gamma = cfg.gamma if noise else 0.0
-        for k, z in sites.items():
+        for k, g in grads.items():
             self.steps[k] += 1
-            self._update(z, grads[k], self.state[k], lrs[k], gamma, self.steps[k])
+            z = sites[k]
+            xi = self._noise[: z.numel()].view_as(z).normal_(generator=self.generator) if gamma > 0 else None
+            work = self._scratch[: z.numel()].view_as(z)
+            self._update(z, g, self.state[k], lrs[k], gamma, self.steps[k], xi, work)
 
-    def _update(self, z: torch.Tensor, g: torch.Tensor, s: dict[str, torch.Tensor], lr: float, gamma: float,
-                t: int):
+    def _update(self, z, g, s, lr: float, gamma: float, t: int, xi, work) -> None:
         cfg = self.config
-        xi = s["noise"].normal_(generator=self.generator) if gamma > 0 else None
         if cfg.preconditioner == "none":
             z.sub_(g, alpha=lr)
             if xi is not None:
                 z.add_(xi, alpha=gamma * math.sqrt(2.0 * lr / cfg.n_hat))
         elif cfg.preconditioner == "rmsprop":
-            v = s["v"].mul_(cfg.rho).addcmul_(g, g, value=1.0 - cfg.rho)
-            # bias-corrected like Adam's second moment, so the first steps are not scaled by 1/ε
-            precond = v.sqrt().div_(math.sqrt(1.0 - cfg.rho**t)).add_(cfg.eps).reciprocal_()  # G
-            z.addcmul_(precond, g, value=-lr)
+            s["v"].mul_(cfg.rho).addcmul_(g, g, value=1.0 - cfg.rho)
+            # G = 1/(√(v/c) + ε) = √c / (√v + ε√c): the bias correction c = 1 − ρᵗ folds into the scalars
+            root_c = math.sqrt(1.0 - cfg.rho**t)
+            precond = torch.sqrt(s["v"], out=work).add_(cfg.eps * root_c).reciprocal_()  # G / √c
+            z.addcmul_(precond, g, value=-lr * root_c)
             if xi is not None:
-                z.addcmul_(precond.sqrt_(), xi, value=gamma * math.sqrt(2.0 * lr / cfg.n_hat))
+                z.addcmul_(precond.sqrt_(), xi, value=gamma * math.sqrt(2.0 * lr * root_c / cfg.n_hat))
         else:  # adam on the noisy gradient, as the original implementation did
             if xi is not None:
-                g = g.add(xi, alpha=gamma * math.sqrt(2.0 / (lr * cfg.n_hat)))
+                g.add_(xi, alpha=gamma * math.sqrt(2.0 / (lr * cfg.n_hat)))
             b1, b2 = cfg.betas
             s["m"].lerp_(g, 1.0 - b1)
             s["v"].mul_(b2).addcmul_(g, g, value=1.0 - b2)
-            c1, c2 = 1.0 - b1 ** t, 1.0 - b2 ** t
-            denom = s["v"].sqrt().div_(math.sqrt(c2)).add_(cfg.eps)
-            z.addcdiv_(s["m"], denom, value=-lr / c1)
+            root_c2 = math.sqrt(1.0 - b2**t)
+            denom = torch.sqrt(s["v"], out=work).add_(cfg.eps * root_c2)  # (√(v/c₂) + ε)·√c₂
+            z.addcdiv_(s["m"], denom, value=-lr * root_c2 / (1.0 - b1**t))
 
     def state_dict(self) -> dict:
         return {"steps": dict(self.steps), "state": self.state, "generator": self.generator.get_state()}

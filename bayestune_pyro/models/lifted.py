@@ -1,10 +1,15 @@
 """The lifted backbone: covered parameters as one flat vector θ, pretrained values θ̄ beside it.
 
 θ̄ is stored once, as a flat buffer; the module's own covered parameters become frozen views into it, so the
-backbone costs no extra copy. ``forward(theta, batch)`` runs the network with any flat θ through
-``torch.func.functional_call``: θ is split into per-tensor views (one ``split``, whose backward is a single
-concatenation), so a gradient with respect to θ arrives as one flat tensor. The head and any uncovered
-parameters are the module's own and keep ``requires_grad`` as set here (head trainable, the rest frozen).
+backbone costs no extra copy. ``forward(theta, batch)`` runs the network with any flat θ:
+
+- generally through ``torch.func.functional_call`` on per-tensor views of θ (autograd sees θ; the backward of
+  the split is one d-sized concatenation);
+- for the θ given to :meth:`bind`, by calling the module itself: its covered parameters are then views of
+  θ and their ``.grad`` views of one flat gradient buffer, so a backward pass writes ∇θ in place with no
+  d-sized allocation at all (the stage-1 hot path).
+
+The head and any uncovered parameters are the module's own (head trainable, the rest frozen).
 """
 from __future__ import annotations
 
@@ -77,6 +82,7 @@ class LiftedBackbone(nn.Module):
         for n, p in named.items():
             p.requires_grad_(n in head)
         self.head_names = [n for n in named if n in head]
+        self.bound: torch.Tensor | None = None
 
     @property
     def d(self) -> int:
@@ -86,8 +92,32 @@ class LiftedBackbone(nn.Module):
         named = dict(self.model.named_parameters())
         return [named[n] for n in self.head_names]
 
+    def _covered(self) -> list[nn.Parameter]:
+        named = dict(self.model.named_parameters())
+        return [named[n] for n in self.layout.names]
+
+    @torch.no_grad()
+    def bind(self, theta: torch.Tensor, grad: torch.Tensor) -> None:
+        """Make the covered parameters views of ``theta`` whose gradients accumulate into ``grad`` (both flat)."""
+        for p, view, g in zip(self._covered(), self.layout.split(theta).values(), self.layout.split(grad).values()):
+            p.data = view
+            p.requires_grad_(True)
+            p.grad = g
+        self.bound = theta
+
+    @torch.no_grad()
+    def unbind(self) -> None:
+        """Point the covered parameters back at θ̄, frozen."""
+        for p, view in zip(self._covered(), self.layout.split(self.theta_bar).values()):
+            p.data = view
+            p.requires_grad_(False)
+            p.grad = None
+        self.bound = None
+
     def forward(self, theta: torch.Tensor, batch: dict) -> torch.Tensor:
         """Logits of the network with covered parameters θ (flat, length d)."""
         args, kwargs = self.backbone.inputs(batch)
+        if theta is self.bound:
+            return self.backbone.logits(self.model(*args, **kwargs))
         out = functional_call(self.model, self.layout.split(theta), args, kwargs, strict=False)
         return self.backbone.logits(out)
