@@ -72,8 +72,12 @@ def load_backbone(spec: str, num_labels: int, *, pretrained: bool = True, seed: 
 
 def _transformers(name: str, num_labels: int, pretrained: bool) -> Backbone:
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     problem = "regression" if num_labels == 1 else "single_label_classification"
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # the load report only says the head is new, which is the point
+    hf_logging.disable_progress_bar()  # a 0.1 s bar per load is noise next to the run's own bars
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         if pretrained:
@@ -87,6 +91,10 @@ def _transformers(name: str, num_labels: int, pretrained: bool) -> Backbone:
     except OSError as err:
         first = str(err).strip().splitlines()[0]
         raise ValueError(f"backbone: cannot load {name!r} ({first})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     return Backbone(model, _transformers_head(model, fresh), "text", name, tokenizer)
 
 
