@@ -61,10 +61,11 @@ class RunConfig:
                              choices=PRECONDITIONERS)
     clip_norm: float | None = _f(None, "clip the stage-1 gradient of (θ, log λ) to this total norm")
     n_tracked: int = _f(256, "coordinates whose full traces are kept")
+    delta_moments: bool = _f(False, "also keep the posterior mean and variance of θ − θ̄ for every coordinate")
     checkpoint_every: int = _f(100, "stage-1 checkpoint interval in steps")
     # mask
     p: float | None = _f(0.005, "fraction of covered coordinates to fine-tune in stage 2 (top-p by λ̂)")
-    threshold: float | None = _f(None, "instead of p: fine-tune every coordinate with λ̂ > threshold")
+    threshold: float | None = _f(None, "instead of p (takes precedence): fine-tune every coordinate with λ̂ > threshold")
     # stage 2
     stage2_steps: int = _f(300, "stage-2 steps")
     stage2_lr: float = _f(1e-3, "stage-2 learning rate of the masked coordinates (AdamW)")
@@ -91,8 +92,10 @@ class RunConfig:
         if self.preconditioner not in PRECONDITIONERS:
             raise ValueError(f"preconditioner: unknown value {self.preconditioner!r}; "
                              f"choose one of: {', '.join(PRECONDITIONERS)}")
-        if (self.p is None) == (self.threshold is None):
-            raise ValueError(f"p: give exactly one of p and threshold (p={self.p!r}, threshold={self.threshold!r})")
+        if self.threshold is not None:
+            self.p = None  # a threshold replaces the default budget
+        if self.p is None and self.threshold is None:
+            raise ValueError("p: unset, and no threshold either; give one of them")
         if self.p is not None and not 0 < self.p <= 1:
             raise ValueError(f"p: must be a fraction in (0, 1], got {self.p!r}")
         if self.threshold is not None and not self.threshold > 0:

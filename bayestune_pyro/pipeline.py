@@ -79,7 +79,8 @@ def stage1(config: RunConfig, run_dir: str | os.PathLike, progress: bool = True)
     """Sample (θ, λ) with SGLD and write the streaming posterior."""
     run_dir = Path(run_dir)
     s = setup(config)
-    posterior = StreamingPosterior(s.lifted.layout, n_tracked=config.n_tracked, seed=config.seed,
+    posterior = StreamingPosterior(s.lifted.layout, n_tracked=config.n_tracked,
+                                   track_delta_moments=config.delta_moments, seed=config.seed,
                                    device=s.lifted.theta_bar.device)
     kernel = SGLDConfig(n_hat=config.n_hat, gamma=config.gamma, preconditioner=config.preconditioner,
                         clip_norm=config.clip_norm)

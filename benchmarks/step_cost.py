@@ -6,7 +6,9 @@ Both variants use the offline-default backbone (MiniLM-L6) on bbc-news minibatch
 - plain:  forward + backward + torch.optim.Adam over every parameter (what a user would write);
 - sgld:   forward + backward through the Pyro trace's likelihood site + closed-form prior gradient +
           a preconditioned SGLD update of (θ, log λ) with Langevin noise + Adam on the head.
-Prints the median step time and peak resident-memory growth of each, and their ratios to plain, as JSON.
+Memory is the peak resident-set growth while one variant is set up and stepped alone; time is the median over
+steps taken round-robin across variants (after 2 untimed rounds). Prints one JSON line per variant with both
+and their ratios to plain.
 """
 from __future__ import annotations
 
@@ -54,32 +56,24 @@ class PeakRSS:
         self.growth = self.peak - self.base
 
 
-def timed(step, batches, n: int, warm: int = 2) -> float:
-    times = []
-    for i in range(n + warm):
-        batch = next(batches)
-        start = time.perf_counter()
-        step(batch)
-        if i >= warm:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def plain(batches, n):
+def plain(batches):
+    """A plain fine-tuning step: forward, backward, torch.optim.Adam over every parameter."""
     backbone = load_backbone("minilm-l6", 5)
     model = backbone.model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-5)
 
-    def step(batch):
+    def step():
+        batch = next(batches)
         loss = torch.nn.functional.cross_entropy(model(**backbone.inputs(batch)[1]).logits, batch["labels"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    return timed(step, batches, n)
+    return step
 
 
-def sgld(batches, n, preconditioner):
+def sgld(batches, preconditioner):
+    """A stage-1 sampling step: likelihood gradient, prior gradient, Langevin update of (θ, log λ), head Adam."""
     lifted = LiftedBackbone(load_backbone("minilm-l6", 5))
     lifted.model.train()
     potential = Potential(GammaLaplaceModel(lifted))
@@ -88,13 +82,13 @@ def sgld(batches, n, preconditioner):
     head_opt = torch.optim.Adam(lifted.head_parameters(), lr=1e-3)
     lrs = {"theta": 1e-4, "lambda": 1e-2}
 
-    def step(batch):
-        _, grads = potential.gradient(z, batch)
+    def step():
+        _, grads = potential.gradient(z, next(batches))
         kernel.step(z, grads, lrs)
         head_opt.step()
         head_opt.zero_grad(set_to_none=True)
 
-    return timed(step, batches, n)
+    return step
 
 
 def main():
@@ -112,14 +106,27 @@ def main():
     # every example is longer than max_length, so every batch has exactly batch_size × max_length tokens
     loader = make_loader(task.train, tokenizer, batch_size=args.batch_size, max_length=args.max_length,
                          shuffle=True, drop_last=True)
-    results = {}
-    with PeakRSS() as mem:
-        seconds = plain(infinite_batches(loader), args.steps)
-    results["plain_adam"] = {"seconds": seconds, "peak_mb": mem.growth / 2**20}
+    builders = {"plain_adam": lambda: plain(infinite_batches(loader))}
     for pre in args.preconditioners.split(","):
+        builders[f"sgld_{pre}"] = lambda pre=pre: sgld(infinite_batches(loader), pre)
+    results = {name: {} for name in builders}
+    for name, build in builders.items():  # memory: one variant at a time, set-up and 3 steps
         with PeakRSS() as mem:
-            seconds = sgld(infinite_batches(loader), args.steps, pre)
-        results[f"sgld_{pre}"] = {"seconds": seconds, "peak_mb": mem.growth / 2**20}
+            step = build()
+            for _ in range(3):
+                step()
+            del step
+        results[name]["peak_mb"] = mem.growth / 2**20
+    steps = {name: build() for name, build in builders.items()}
+    times = {name: [] for name in builders}
+    for round_ in range(args.steps + 2):  # time: variants interleaved, so drift hits all alike
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if round_ >= 2:
+                times[name].append(time.perf_counter() - start)
+    for name in builders:
+        results[name]["seconds"] = statistics.median(times[name])
     base = results["plain_adam"]
     for name, r in results.items():
         r["time_ratio"] = r["seconds"] / base["seconds"]

@@ -36,6 +36,7 @@ class StreamingPosterior:
         self.traces: list[dict[str, list[torch.Tensor]]] = [
             {name: [] for name in ("lambda", "delta") + STATS} for _ in range(chains)
         ]
+        self.meta: dict = {}
 
     @property
     def d(self) -> int:
