@@ -29,7 +29,7 @@ class Backbone:
 
     model: nn.Module
     head_names: list[str]
-    kind: str  # "text" | "image"
+    kind: str  # "text" | "image" | "tensor" (a plain module called on batch["x"], e.g. a regression model)
     source: str
     tokenizer: object | None = None
 
@@ -37,6 +37,8 @@ class Backbone:
         """(args, kwargs) for ``model`` from a batch dict (labels excluded)."""
         if self.kind == "image":
             return (batch["pixel_values"],), {}
+        if self.kind == "tensor":
+            return (batch["x"],), {}
         return (), {k: v for k, v in batch.items() if k != "labels"}
 
     @staticmethod
