@@ -2,8 +2,10 @@
 
     bayestune run    [--config FILE] [--out DIR] [options]   stage 1 → mask → stage 2 → metrics, one run directory
     bayestune stage1 [--config FILE] [--out DIR] [options]   stage 1 only (writes the posterior)
-    bayestune export RUN [--p P | --threshold T]            mask from the posterior of RUN
+    bayestune export RUN [--p P | --threshold T | --auto] [--rank mean|lcb] [--z Z]   mask from the posterior of RUN
     bayestune stage2 RUN [options]                          stage 2 + evaluation from RUN's mask
+    bayestune merge-chains RUN_A RUN_B ... --out RUN         pool separately run chains
+    bayestune diagnose RUN                                  convergence checks: RUN/trace.nc and RUN/report.html
 
 Options come from :class:`RunConfig`; precedence is flags > ``--config`` file > RUN/config.yaml > defaults.
 Errors are one line on stderr and a non-zero exit, never a traceback.
@@ -61,10 +63,23 @@ def build_parser() -> argparse.ArgumentParser:
     choice = p.add_mutually_exclusive_group()
     choice.add_argument("--p", type=float, help="fraction of coordinates to keep (top-p by λ̂) [RUN's p]")
     choice.add_argument("--threshold", type=float, help="keep every coordinate with λ̂ > threshold")
+    p.add_argument("--auto", action="store_true", help="choose p at the knee of the sorted λ̂ curve (log-log)")
+    p.add_argument("--rank", choices=("mean", "lcb"), default="mean",
+                   help="rank by λ̂ or by its lower credible bound λ̂ − z·sd (prefers low variance)")
+    p.add_argument("--z", type=float, help="z of the lower credible bound (--rank lcb) [1.645]")
     p = sub.add_parser("stage2", help="fine-tune the masked coordinates of a run and evaluate",
                        description="Stage 2 from RUN/mask.safetensors; writes delta.safetensors and metrics.json.")
     p.add_argument("run_dir", metavar="RUN", help="run directory holding mask.safetensors and config.yaml")
     _add_config_options(p)
+    p = sub.add_parser("merge-chains", help="pool stage-1 chains run separately (e.g. one per GPU) into one run",
+                       description="Pool the posteriors of RUN_A RUN_B ... (same backbone, search space, n_tracked) "
+                                   "into OUT, which then takes export and stage2 like any run.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN", help="run directories holding posterior.safetensors")
+    p.add_argument("--out", metavar="DIR", required=True, help="new run directory for the pooled chains")
+    p = sub.add_parser("diagnose", help="convergence diagnostics and an HTML report of a run's posterior",
+                       description="Write RUN/trace.nc (ArviZ InferenceData) and RUN/report.html (verdict, R-hat, "
+                                   "ESS, traces, λ̂ curve, mask summary, stage-2 metrics).")
+    p.add_argument("run_dir", metavar="RUN", help="run directory holding posterior.safetensors")
     return parser
 
 
@@ -117,15 +132,27 @@ def _command(args: argparse.Namespace) -> dict | None:
             if created and out.exists() and {p.name for p in out.iterdir()} <= {"config.yaml"}:
                 shutil.rmtree(out)  # nothing was produced: leave no half-made run behind
             raise
+    if args.command == "merge-chains":
+        out = Path(args.out)
+        if out.exists() and any(out.iterdir()):
+            raise ValueError(f"out: {str(out)!r} already exists and is not empty; choose another --out")
+        merged = pipeline.merge_chains(args.run_dirs, out)
+        return {"posterior": str(out / "posterior.safetensors"), "chains": merged.chains, "draws": merged.counts}
     run_dir = Path(args.run_dir)
     base = _existing_config(run_dir)
     if args.command == "export":
         p, threshold = args.p, args.threshold
-        if p is None and threshold is None:
+        if p is None and threshold is None and not args.auto:
             p, threshold = base.get("p"), base.get("threshold")
-        mask = pipeline.export(run_dir, p=p, threshold=threshold)
+        mask = pipeline.export(run_dir, p=p, threshold=threshold, auto=args.auto, rank=args.rank, z=args.z)
+        lambda_th = mask.threshold if mask.threshold is not None else mask.info["lambda_cut"]
         return {"mask": str(run_dir / "mask.safetensors"), "k": mask.k, "d": mask.layout.d, "p": mask.p,
-                "threshold": mask.threshold, "lambda_cut": mask.info.get("lambda_cut")}
+                "threshold": mask.threshold, "lambda_cut": mask.info.get("lambda_cut"), "lambda_th": lambda_th,
+                "selection": mask.info["selection"], "rank": mask.info["rank"]}
+    if args.command == "diagnose":
+        from .diagnostics.report import diagnose
+
+        return diagnose(run_dir)
     config = resolve_config(args, base)
     pipeline.write_config(config, run_dir)
     return pipeline.stage2(config, run_dir)
@@ -142,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bayestune: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0
 
 

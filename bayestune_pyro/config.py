@@ -18,6 +18,8 @@ from .data import TASKS
 from .inference.runner import Schedule
 from .inference.sgld import PRECONDITIONERS
 
+ENGINES = ("sgld", "map", "vi", "map-svi")
+
 
 def _f(default, help: str, **kw):
     meta = {"help": help, **kw}
@@ -34,7 +36,8 @@ class RunConfig:
     backbone: str = _f("minilm-l6", "minilm-l6 (packaged), tiny-bert, hf:<hub id or dir>, timm:<name>")
     pretrained: bool = _f(True, "load pretrained weights (timm / hf); false = random initialisation")
     device: str = _f("cpu", "torch device: cpu, cuda, cuda:1, ...")
-    seed: int = _f(0, "seed for data split, head initialisation, dropout and Langevin noise")
+    seed: int = _f(0, "seed of a chain: head initialisation, data order, dropout and Langevin noise")
+    data_seed: int = _f(0, "seed of the data: few-shot selection, --train-size subset (same for every chain)")
     max_length: int = _f(64, "tokens per example after truncation")
     batch_size: int = _f(16, "minibatch size |B| in both stages")
     eval_batch_size: int = _f(64, "batch size for evaluation")
@@ -47,7 +50,11 @@ class RunConfig:
     beta: float = _f(100.0, "Gamma rate β of the prior on λ (prior mean α/β)")
     n_hat: float = _f(1e9, "effective data size N̂ (likelihood weight)")
     sigma: float = _f(1.0, "regression tasks: noise scale σ of the Normal likelihood")
-    # stage 1: SGLD
+    # stage 1: inference
+    inference: str = _f("sgld", "sgld (sampling), map (the SGLD kernel with γ = 0), vi (SVI, AutoNormal guide), "
+                        "map-svi (SVI, AutoDelta guide)", choices=ENGINES)
+    chains: int = _f(1, "independent stage-1 chains (seeds seed, seed+1, …), run one after the other")
+    vi_init_scale: float = _f(1e-4, "vi: initial standard deviation of the guide (unconstrained space)")
     steps: int = _f(300, "stage-1 steps in all (warm-up + burn-in + sampling)")
     warmup: int = _f(100, "warm-up steps: plain optimisation of θ and head, no prior, no noise")
     burnin: int = _f(100, "burn-in steps: SGLD, nothing collected")
@@ -77,13 +84,16 @@ class RunConfig:
             raise ValueError(f"task: unknown value {self.task!r}; choose one of: {', '.join(TASKS)}")
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
             raise ValueError(f"data_dir: {self.data_dir!r} is not a directory")
-        for name in ("max_length", "batch_size", "eval_batch_size", "shots_per_class", "n_tracked",
+        if self.inference not in ENGINES:
+            raise ValueError(f"inference: unknown value {self.inference!r}; choose one of: {', '.join(ENGINES)}")
+        for name in ("chains", "max_length", "batch_size", "eval_batch_size", "shots_per_class", "n_tracked",
                      "checkpoint_every", "stage2_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)!r}")
         if self.train_size is not None and self.train_size < 1:
             raise ValueError(f"train_size: must be >= 1 or unset, got {self.train_size!r}")
-        for name in ("alpha", "beta", "n_hat", "sigma", "lr", "lr_lambda", "head_lr", "lambda_init", "stage2_lr"):
+        for name in ("alpha", "beta", "n_hat", "sigma", "lr", "lr_lambda", "head_lr", "lambda_init", "stage2_lr",
+                     "vi_init_scale"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name}: must be a positive number, got {value!r}")

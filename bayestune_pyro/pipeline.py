@@ -3,7 +3,7 @@
 Run directory::
 
     config.yaml            the resolved RunConfig
-    stage1.ckpt            stage-1 checkpoint (removed once the posterior is written)
+    stage1.ckpt(.json)     stage-1 checkpoint and its engine/chain/step (removed once the posterior is written)
     posterior.safetensors  streaming posterior (+ posterior.json)
     mask.safetensors       stage-2 mask (+ mask.json)
     delta.safetensors      sparse delta + head: the fine-tuned model, given the pretrained backbone
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from .config import RunConfig
 from .data import TaskData, infinite_batches, load_task, make_loader
@@ -27,14 +28,16 @@ from .finetune.evaluate import evaluate
 from .finetune.stage2 import SparseFineTuner, Stage2Config
 from .inference.posterior import StreamingPosterior
 from .inference.potential import Potential
-from .inference.runner import CHECKPOINT, StepSizes, run_stage1
+from .inference.runner import CHECKPOINT, CHECKPOINT_INFO, StepSizes, checkpoint_chain, run_stage1
 from .inference.sgld import SGLDConfig
+from .inference.vi import run_svi
 from .io import read_json, write_json, write_yaml
-from .models.backbones import load_backbone
+from .models.backbones import init_head, load_backbone
 from .models.gamma_laplace import GammaLaplaceModel
 from .models.lifted import LiftedBackbone
 from .models.search_space import SearchSpace
-from .selection.masks import Mask, above_threshold, top_p
+from .selection.masks import Mask
+from .selection.uncertainty import select
 
 
 @dataclass
@@ -46,9 +49,11 @@ class Setup:
     lifted: LiftedBackbone
     model: GammaLaplaceModel
 
-    def train_batches(self):
+    def train_batches(self, seed: int | None = None):
+        """Shuffled training batches, epoch after epoch (order seeded by ``seed``, default the run's seed)."""
         loader = make_loader(self.task.train, self.lifted.backbone.tokenizer, batch_size=self.config.batch_size,
-                             max_length=self.config.max_length, shuffle=True, seed=self.config.seed,
+                             max_length=self.config.max_length, shuffle=True,
+                             seed=self.config.seed if seed is None else seed,
                              regression=self.task.spec.is_regression)
         return infinite_batches(loader)
 
@@ -65,7 +70,7 @@ class Setup:
 def setup(config: RunConfig) -> Setup:
     """Load the task and a fresh backbone (same seed → same head initialisation), lift it and build the model."""
     config.validate()
-    task = load_task(config.task, config.data_dir, seed=config.seed, train_size=config.train_size,
+    task = load_task(config.task, config.data_dir, seed=config.data_seed, train_size=config.train_size,
                      shots_per_class=config.shots_per_class)
     backbone = load_backbone(config.backbone, task.spec.num_labels, pretrained=config.pretrained, seed=config.seed)
     lifted = LiftedBackbone(backbone, SearchSpace(tuple(config.include), tuple(config.exclude)), config.device)
@@ -76,32 +81,77 @@ def setup(config: RunConfig) -> Setup:
 
 
 def stage1(config: RunConfig, run_dir: str | os.PathLike, progress: bool = True) -> StreamingPosterior:
-    """Sample (θ, λ) with SGLD and write the streaming posterior."""
+    """Infer (θ, λ) with the configured engine, chain after chain, and write the streaming posterior.
+
+    Every chain starts from the pretrained θ̄; chain c uses seed ``config.seed + c`` (head initialisation, data
+    order, dropout, Langevin noise), so it is the single-chain run with that seed. An interrupted run resumes in the chain it stopped.
+    """
     run_dir = Path(run_dir)
     s = setup(config)
-    posterior = StreamingPosterior(s.lifted.layout, n_tracked=config.n_tracked,
-                                   track_delta_moments=config.delta_moments, seed=config.seed,
+    # the tracked subset is seeded by 0, not the run's seed, so separately run chains can be merged
+    posterior = StreamingPosterior(s.lifted.layout, chains=config.chains, n_tracked=config.n_tracked,
+                                   track_delta_moments=config.delta_moments, seed=0,
                                    device=s.lifted.theta_bar.device)
-    kernel = SGLDConfig(n_hat=config.n_hat, gamma=config.gamma, preconditioner=config.preconditioner,
-                        clip_norm=config.clip_norm)
-    sizes = StepSizes(config.lr, config.lr_lambda, config.head_lr, config.lambda_init)
     start = time.perf_counter()
-    run_stage1(Potential(s.model), s.train_batches(), config.schedule(), kernel, sizes, posterior,
-               seed=config.seed, checkpoint_dir=run_dir, checkpoint_every=config.checkpoint_every,
-               progress=progress)
-    posterior.save(run_dir, {"seconds": time.perf_counter() - start, "n_train": len(s.task.train)})
-    (run_dir / CHECKPOINT).unlink(missing_ok=True)
+    for chain in range(checkpoint_chain(run_dir), config.chains):
+        init_head(s.lifted.backbone, config.seed + chain)
+        _run_chain(s, posterior, chain, run_dir, progress)
+    posterior.save(run_dir, {"seconds": time.perf_counter() - start, "n_train": len(s.task.train),
+                             "inference": config.inference, "seeds": [config.seed + c for c in range(config.chains)]})
+    for name in (CHECKPOINT, CHECKPOINT_INFO):
+        (run_dir / name).unlink(missing_ok=True)
     return posterior
 
 
-def export(run_dir: str | os.PathLike, p: float | None = None, threshold: float | None = None) -> Mask:
-    """Turn the posterior mean λ̂ into the stage-2 mask (top-p, or λ̂ > threshold) and write it."""
-    if (p is None) == (threshold is None):
-        raise ValueError(f"p: give exactly one of p and threshold (p={p!r}, threshold={threshold!r})")
-    posterior = StreamingPosterior.load(run_dir)
-    lam = posterior.lambda_mean
-    mask = top_p(lam, p, posterior.layout) if p is not None else above_threshold(lam, threshold, posterior.layout)
-    mask.info["lambda_cut"] = float(lam[mask.index].min()) if mask.k else None
+def _run_chain(s: Setup, posterior: StreamingPosterior, chain: int, run_dir: Path, progress: bool) -> None:
+    config = s.config
+    seed = config.seed + chain
+    common = dict(chain=chain, seed=seed, checkpoint_dir=run_dir, checkpoint_every=config.checkpoint_every,
+                  progress=progress)
+    sizes = StepSizes(config.lr, config.lr_lambda, config.head_lr, config.lambda_init)
+    batches = s.train_batches(seed)
+    if config.inference in ("vi", "map-svi"):
+        run_svi(Potential(s.model), batches, config.schedule(), sizes, posterior,
+                guide_kind="normal" if config.inference == "vi" else "delta", init_scale=config.vi_init_scale,
+                **common)
+        return
+    kernel = SGLDConfig(n_hat=config.n_hat, gamma=0.0 if config.inference == "map" else config.gamma,
+                        preconditioner=config.preconditioner, clip_norm=config.clip_norm)
+    # MAP is the mode of the model's own density in λ (as AutoDelta's), so no Jacobian when γ = 0
+    potential = Potential(s.model, jacobian=config.inference != "map")
+    run_stage1(potential, batches, config.schedule(), kernel, sizes, posterior, **common)
+
+
+def merge_chains(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> StreamingPosterior:
+    """Pool the stage-1 posteriors of separately run chains (same backbone, search space and tracked set) into ``out``."""
+    if len(run_dirs) < 2:
+        raise ValueError(f"runs: merge-chains needs at least two run directories, got {len(run_dirs)}")
+    parts = []
+    for d in run_dirs:
+        if not (Path(d) / "posterior.json").exists():
+            raise ValueError(f"runs: {str(d)!r} has no posterior.json (run stage 1 there first)")
+        parts.append(StreamingPosterior.load(d))
+    first = parts[0]
+    for d, part in zip(run_dirs[1:], parts[1:]):
+        if part.layout != first.layout or not torch.equal(part.tracked_index, first.tracked_index):
+            raise ValueError(f"runs: {str(d)!r} has another backbone, search space or tracked set than {str(run_dirs[0])!r}")
+    merged = StreamingPosterior.concatenate(parts)
+    configs = [yaml.safe_load((Path(d) / "config.yaml").read_text()) for d in run_dirs]
+    config = RunConfig.from_dict({**configs[0], "chains": merged.chains})
+    out = Path(out)
+    write_config(config, out)
+    seeds = [seed for part in parts for seed in part.meta.get("seeds", [None] * part.chains)]
+    merged.save(out, {"seconds": sum(part.meta.get("seconds", 0.0) for part in parts),
+                      "inference": first.meta.get("inference"), "seeds": seeds,
+                      "merged_from": [str(d) for d in run_dirs]})
+    return merged
+
+
+def export(run_dir: str | os.PathLike, p: float | None = None, threshold: float | None = None, *,
+           auto: bool = False, rank: str = "mean", z: float | None = None) -> Mask:
+    """Cut the stage-2 mask from the posterior and write it: top-p, score > threshold, or (``auto``) top-p at the
+    knee of the sorted λ̂; the score is λ̂ (``rank="mean"``) or λ̂ − z·sd (``"lcb"``). See ``selection.uncertainty``."""
+    mask = select(StreamingPosterior.load(run_dir), p, threshold, auto=auto, rank=rank, z=z)
     mask.save(run_dir)
     return mask
 

@@ -72,13 +72,13 @@ def plain(batches):
     return step
 
 
-def sgld(batches, preconditioner):
-    """A stage-1 sampling step: likelihood gradient, prior gradient, Langevin update of (θ, log λ), head Adam."""
+def sgld(batches, preconditioner: str = "rmsprop", gamma: float = 1.0, jacobian: bool = True):
+    """A stage-1 step: likelihood gradient, prior gradient, update of (θ, log λ) (γ = 0: MAP), head Adam."""
     lifted = LiftedBackbone(load_backbone("minilm-l6", 5))
     lifted.model.train()
-    potential = Potential(GammaLaplaceModel(lifted))
+    potential = Potential(GammaLaplaceModel(lifted), jacobian=jacobian)
     z = potential.init(1e-4)
-    kernel = SGLD(SGLDConfig(preconditioner=preconditioner), z, torch.Generator().manual_seed(0))
+    kernel = SGLD(SGLDConfig(preconditioner=preconditioner, gamma=gamma), z, torch.Generator().manual_seed(0))
     head_opt = torch.optim.Adam(lifted.head_parameters(), lr=1e-3)
     lrs = {"theta": 1e-4, "lambda": 1e-2}
 
@@ -91,24 +91,8 @@ def sgld(batches, preconditioner):
     return step
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=12, help="timed steps per variant (after 2 warm-up steps)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--preconditioners", default="rmsprop,none,adam")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    task = load_task("bbc-news")
-    tokenizer = load_backbone("tiny-bert", 5).tokenizer
-    # every example is longer than max_length, so every batch has exactly batch_size × max_length tokens
-    loader = make_loader(task.train, tokenizer, batch_size=args.batch_size, max_length=args.max_length,
-                         shuffle=True, drop_last=True)
-    builders = {"plain_adam": lambda: plain(infinite_batches(loader))}
-    for pre in args.preconditioners.split(","):
-        builders[f"sgld_{pre}"] = lambda pre=pre: sgld(infinite_batches(loader), pre)
+def measure(builders: dict, steps: int) -> None:
+    """Print one JSON line per variant: median step seconds, peak MB, and both as ratios to ``plain_adam``."""
     results = {name: {} for name in builders}
     for name, build in builders.items():  # memory: one variant at a time, set-up and 3 steps
         with PeakRSS() as mem:
@@ -117,10 +101,10 @@ def main():
                 step()
             del step
         results[name]["peak_mb"] = mem.growth / 2**20
-    steps = {name: build() for name, build in builders.items()}
+    stepper = {name: build() for name, build in builders.items()}
     times = {name: [] for name in builders}
-    for round_ in range(args.steps + 2):  # time: variants interleaved, so drift hits all alike
-        for name, step in steps.items():
+    for round_ in range(steps + 2):  # time: variants interleaved, so drift hits all alike
+        for name, step in stepper.items():
             start = time.perf_counter()
             step()
             if round_ >= 2:
@@ -131,7 +115,36 @@ def main():
     for name, r in results.items():
         r["time_ratio"] = r["seconds"] / base["seconds"]
         r["memory_ratio"] = r["peak_mb"] / base["peak_mb"]
-        print(json.dumps({"variant": name, **{k: round(v, 3) for k, v in r.items()}}))
+        print(json.dumps({"variant": name, **{k: round(v, 3) for k, v in r.items()}}), flush=True)
+
+
+def arguments(description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per variant (after 2 warm-up steps)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    return args
+
+
+def loader_for(args: argparse.Namespace):
+    """bbc-news batches in which every example fills max_length tokens (so every variant sees the same cost)."""
+    task = load_task("bbc-news")
+    tokenizer = load_backbone("tiny-bert", 5).tokenizer
+    return make_loader(task.train, tokenizer, batch_size=args.batch_size, max_length=args.max_length,
+                       shuffle=True, drop_last=True)
+
+
+def main():
+    args = arguments(__doc__)
+    loader = loader_for(args)
+    builders = {"plain_adam": lambda: plain(infinite_batches(loader))}
+    for pre in ("rmsprop", "none", "adam"):
+        builders[f"sgld_{pre}"] = lambda pre=pre: sgld(infinite_batches(loader), pre)
+    measure(builders, args.steps)
 
 
 if __name__ == "__main__":

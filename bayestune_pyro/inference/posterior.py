@@ -44,20 +44,42 @@ class StreamingPosterior:
 
     @torch.no_grad()
     def update(self, chain: int, lam: torch.Tensor, delta: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
-        """Add one sample of chain ``chain``: λ and θ − θ̄ (flat, length d) and scalar statistics."""
-        self.counts[chain] += 1
-        n = self.counts[chain]
+        """Add one sample of chain ``chain`` to the moments and traces: λ and θ − θ̄ (flat, length d), statistics."""
+        n = self.counts[chain] + 1
         for m, x in (("lambda", lam), ("delta", delta)):
             if m in self.mean:
                 mean, m2 = self.mean[m][chain], self.m2[m][chain]
                 step = x - mean
                 mean.add_(step, alpha=1.0 / n)
                 m2.addcmul_(step, x - mean)
+        self.record(chain, lam, delta, stats)
+
+    @torch.no_grad()
+    def record(self, chain: int, lam: torch.Tensor, delta: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
+        """Append a sample of the tracked coordinates and its statistics (moments untouched)."""
+        self.counts[chain] += 1
         trace = self.traces[chain]
         trace["lambda"].append(lam[self.tracked_index].clone())
         trace["delta"].append(delta[self.tracked_index].clone())
         for name in STATS:
             trace[name].append(stats[name].detach().reshape(()).clone())
+
+    @torch.no_grad()
+    def set_moments(self, chain: int, moment: str, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """Moments known in closed form (e.g. from a variational guide), weighted as ``counts[chain]`` samples."""
+        self.mean[moment][chain].copy_(mean)
+        self.m2[moment][chain].copy_(var).mul_(max(self.counts[chain] - 1, 1))
+
+    def state_dict(self) -> dict:
+        return {"counts": list(self.counts), "mean": self.mean, "m2": self.m2, "traces": self.traces}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        self.counts = list(state["counts"])
+        for m in self.mean:
+            self.mean[m].copy_(state["mean"][m])
+            self.m2[m].copy_(state["m2"][m])
+        self.traces = state["traces"]
 
     def pooled(self, moment: str = "lambda") -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, variance) over all chains' samples for every coordinate."""
@@ -89,6 +111,18 @@ class StreamingPosterior:
         write_json(Path(run_dir) / "posterior.json",
                    {"chains": self.chains, "counts": self.counts, "d": self.d, "layout": self.layout.to_json(),
                     **(extra or {})})
+
+    @classmethod
+    def concatenate(cls, parts: list["StreamingPosterior"]) -> "StreamingPosterior":
+        """One posterior whose chains are those of ``parts`` (same layout and tracked set), in order."""
+        post = cls.__new__(cls)
+        post.layout, post.tracked_index, post.meta = parts[0].layout, parts[0].tracked_index, {}
+        post.chains = sum(p.chains for p in parts)
+        post.counts = [n for p in parts for n in p.counts]
+        post.mean = {m: torch.cat([p.mean[m] for p in parts]) for m in parts[0].mean if all(m in p.mean for p in parts)}
+        post.m2 = {m: torch.cat([p.m2[m] for p in parts]) for m in post.mean}
+        post.traces = [t for p in parts for t in p.traces]
+        return post
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> "StreamingPosterior":

@@ -4,6 +4,9 @@ z holds one flat tensor per latent site: ``theta`` (θ, already unconstrained) a
 Pyro's ``biject_to`` of the Gamma support, so the Jacobian enters the density). Dividing by N̂ gives the
 per-sample units the SGLD step of eq. 5 uses: U/N̂ = −(1/|B|)Σ_B log p(y|x,θ) − (1/N̂) log p(θ, λ).
 
+``jacobian=False`` drops log|dλ/dlogλ|: the density is then the model's own in λ, whose mode is the MAP that
+Pyro's AutoDelta finds (used with γ = 0; sampling needs the Jacobian).
+
 Two ways to the same gradient: ``exact`` differentiates the whole Pyro trace; ``fast`` differentiates only the
 observation site of the trace and adds the model's closed-form prior gradient (agreement is tested).
 """
@@ -29,8 +32,8 @@ class Potential:
     flat buffers, so a step allocates nothing of size d. Exact mode keeps z as autograd leaves (for tests).
     """
 
-    def __init__(self, model: GammaLaplaceModel, fast: bool = True):
-        self.model, self.fast = model, fast
+    def __init__(self, model: GammaLaplaceModel, fast: bool = True, jacobian: bool = True):
+        self.model, self.fast, self.jacobian = model, fast, jacobian
         self.transforms = {"theta": biject_to(constraints.real), "lambda": biject_to(constraints.positive)}
 
     def init(self, lam0: float) -> dict[str, torch.Tensor]:
@@ -66,7 +69,7 @@ class Potential:
     def _prior(self, tr, z: dict[str, torch.Tensor]) -> torch.Tensor:
         values = self.constrained(z)
         logp = tr.log_prob_sum(lambda name, site: name in LATENT_SITES)
-        for k, t in self.transforms.items():
+        for k, t in self.transforms.items() if self.jacobian else ():
             logp = logp + t.log_abs_det_jacobian(z[k], values[k]).sum()
         return -logp / self.model.n_hat
 
@@ -97,7 +100,7 @@ class Potential:
         if not with_prior:
             return nll.detach(), {"theta": grads["theta"]}
         self.model.prior_grad_(z["theta"], z["lambda"], grads["theta"], grads["lambda"], 1.0 / self.model.n_hat,
-                               self.work)
+                               self.work, self.jacobian)
         return nll.detach(), grads
 
     @torch.no_grad()

@@ -19,12 +19,27 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from ..io import save_torch
+from ..io import read_json, save_torch, write_json
 from .posterior import StreamingPosterior
 from .potential import Potential
 from .sgld import SGLD, SGLDConfig
 
 CHECKPOINT = "stage1.ckpt"
+
+
+CHECKPOINT_INFO = "stage1.ckpt.json"
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """The checkpoint, then a small JSON naming its engine, chain and step (read without loading the tensors)."""
+    save_torch(path, state)
+    write_json(path.parent / CHECKPOINT_INFO, {k: state[k] for k in ("engine", "chain", "step")})
+
+
+def checkpoint_chain(run_dir: str | os.PathLike) -> int:
+    """The chain a stage-1 checkpoint in ``run_dir`` belongs to (earlier chains are finished), or 0."""
+    info = Path(run_dir) / CHECKPOINT_INFO
+    return int(read_json(info)["chain"]) if (Path(run_dir) / CHECKPOINT).exists() and info.exists() else 0
 
 
 class NonFiniteError(FloatingPointError):
@@ -121,7 +136,7 @@ def run_stage1(potential: Potential, batches: Iterator[dict], schedule: Schedule
                     raise NonFiniteError(f"stage 1: loss became NaN/inf at or before step {step} ({phase}){where}; "
                                          "lower --lr / --lr-lambda or set --clip-norm")
                 bar.set_postfix(phase=phase, nll=f"{nll.item():.4f}", samples=posterior.counts[chain])
-            if ckpt_path is not None and ((step + 1) % checkpoint_every == 0 and not last):
+            if ckpt_path is not None and ((step + 1) % checkpoint_every == 0 or last):  # last: the chain is done
                 _save(ckpt_path, step + 1, z, sgld, head, head_opt, posterior, chain)
         bar.close()
     finally:
@@ -130,11 +145,10 @@ def run_stage1(potential: Potential, batches: Iterator[dict], schedule: Schedule
 
 
 def _save(path: Path, step: int, z, sgld: SGLD, head, head_opt, posterior: StreamingPosterior, chain: int) -> None:
-    save_torch(path, {
-        "step": step, "chain": chain, "z": {k: v.detach() for k, v in z.items()},
+    save_checkpoint(path, {
+        "engine": "sgld", "step": step, "chain": chain, "z": {k: v.detach() for k, v in z.items()},
         "head": [p.detach() for p in head], "head_opt": head_opt.state_dict(), "sgld": sgld.state_dict(),
-        "posterior": {"counts": posterior.counts, "mean": posterior.mean, "m2": posterior.m2,
-                      "traces": posterior.traces},
+        "posterior": posterior.state_dict(),
         "rng": torch.get_rng_state(), "time": time.time(),
     })
 
@@ -142,7 +156,7 @@ def _save(path: Path, step: int, z, sgld: SGLD, head, head_opt, posterior: Strea
 @torch.no_grad()
 def _restore(path: Path, z, sgld: SGLD, head, head_opt, posterior: StreamingPosterior, chain: int) -> int:
     ckpt = torch.load(path, map_location=z["theta"].device, weights_only=False)
-    if ckpt["chain"] != chain:
+    if ckpt.get("engine", "sgld") != "sgld" or ckpt["chain"] != chain:
         return 0
     for k, v in ckpt["z"].items():
         z[k].copy_(v)
@@ -150,11 +164,6 @@ def _restore(path: Path, z, sgld: SGLD, head, head_opt, posterior: StreamingPost
         p.copy_(v)
     head_opt.load_state_dict(ckpt["head_opt"])
     sgld.load_state_dict(ckpt["sgld"])
-    saved = ckpt["posterior"]
-    posterior.counts = list(saved["counts"])
-    for m in posterior.mean:
-        posterior.mean[m].copy_(saved["mean"][m])
-        posterior.m2[m].copy_(saved["m2"][m])
-    posterior.traces = saved["traces"]
+    posterior.load_state_dict(ckpt["posterior"])
     torch.set_rng_state(ckpt["rng"])
     return ckpt["step"]

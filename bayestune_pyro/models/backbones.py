@@ -54,8 +54,31 @@ def minilm_dir() -> Path:
 
 
 def load_backbone(spec: str, num_labels: int, *, pretrained: bool = True, seed: int = 0) -> Backbone:
-    """Load the classifier named by ``spec`` with a fresh ``num_labels``-way head (1 = regression)."""
-    torch.manual_seed(seed)  # the fresh head's initialisation is part of the run's seed
+    """Load the classifier named by ``spec`` with a fresh ``num_labels``-way head (1 = regression).
+
+    The backbone does not depend on ``seed`` (random-initialised ones are drawn with seed 0, so θ̄ is the same
+    for every run); the head is initialised from ``seed`` by :func:`init_head`.
+    """
+    torch.manual_seed(0)
+    backbone = _load(spec, num_labels, pretrained)
+    init_head(backbone, seed)
+    return backbone
+
+
+@torch.no_grad()
+def init_head(backbone: Backbone, seed: int) -> None:
+    """A fresh task head from ``seed`` alone: weights ~ N(0, 0.02²), biases and 1-d parameters 0."""
+    generator = torch.Generator().manual_seed(seed)
+    named = dict(backbone.model.named_parameters())
+    for name in backbone.head_names:
+        p = named[name]
+        if p.dim() >= 2:
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+        else:
+            p.zero_()
+
+
+def _load(spec: str, num_labels: int, pretrained: bool) -> Backbone:
     if spec == OFFLINE_DEFAULT:
         return _transformers(str(minilm_dir()), num_labels, pretrained)
     if spec == "tiny-bert":

@@ -63,12 +63,14 @@ class GammaLaplaceModel:
 
     @torch.no_grad()
     def prior_grad_(self, theta: torch.Tensor, log_lam: torch.Tensor, grad_theta: torch.Tensor,
-                    grad_log_lam: torch.Tensor, scale: float, work: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
+                    grad_log_lam: torch.Tensor, scale: float, work: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                    jacobian: bool = True):
         """Add ``−scale·∂ log p/∂θ`` to ``grad_theta`` and write ``−scale·∂ log p/∂logλ`` into ``grad_log_lam``.
 
         ∂/∂θ_i    log p = −sign(θ_i − θ̄_i) / λ_i
         ∂/∂logλ_i log p = (α − 1) − β λ_i + |θ_i − θ̄_i| / λ_i   (the −1 of the Laplace normaliser cancels the +1
-        of the Jacobian). The fast path of the Pyro trace's gradient (``tests/test_model.py`` checks they agree):
+        of the Jacobian |dλ/dlogλ|; without the Jacobian — MAP in the model's own λ — the constant is α − 2).
+        The fast path of the Pyro trace's gradient (``tests/test_model.py`` checks they agree):
         eleven in-place passes over three caller-owned d-sized buffers ``work``, no allocation.
         """
         lam, inv_lam, diff = work
@@ -78,4 +80,4 @@ class GammaLaplaceModel:
         torch.sign(diff, out=grad_log_lam)  # borrowed as scratch before it is written
         grad_theta.addcmul_(grad_log_lam, inv_lam, value=scale)
         diff.abs_().mul_(inv_lam).sub_(lam, alpha=self.beta)  # |θ − θ̄|/λ − βλ
-        torch.mul(diff, -scale, out=grad_log_lam).sub_(scale * (self.alpha - 1.0))
+        torch.mul(diff, -scale, out=grad_log_lam).sub_(scale * (self.alpha - (1.0 if jacobian else 2.0)))

@@ -1,0 +1,47 @@
+"""Cost of each inference engine per stage-1 step, relative to plain fine-tuning, measured in the same process.
+
+    python benchmarks/inference_cost.py [--steps 12] [--batch-size 16] [--max-length 64] [--threads 2]
+
+Variants, all on the offline-default backbone (MiniLM-L6) and the same bbc-news minibatches:
+plain Adam fine-tuning; SGLD (no preconditioner); pSGLD (rmsprop); MAP (the kernel with γ = 0, rmsprop);
+VI (Pyro SVI: Trace_ELBO with an AutoNormal guide over θ and log λ, Adam over the guide and the head).
+Prints one JSON line per variant (median seconds, peak MB, ratios to plain); see step_cost.py for the method.
+"""
+from __future__ import annotations
+
+import torch
+
+from bayestune_pyro.data import infinite_batches
+from bayestune_pyro.inference.potential import Potential
+from bayestune_pyro.inference.vi import elbo_step, make_guide
+from bayestune_pyro.models.backbones import load_backbone
+from bayestune_pyro.models.gamma_laplace import GammaLaplaceModel
+from bayestune_pyro.models.lifted import LiftedBackbone
+from step_cost import arguments, loader_for, measure, plain, sgld
+
+
+def vi(batches):
+    """One SVI step: a draw of (θ, log λ) from the guide, the ELBO through the Pyro trace, Adam on everything."""
+    lifted = LiftedBackbone(load_backbone("minilm-l6", 5))
+    lifted.model.train()
+    model = GammaLaplaceModel(lifted)
+    guide = make_guide(Potential(model), "normal", lambda_init=1e-4, init_scale=1e-4)
+    guide(next(batches))
+    opt = torch.optim.Adam([*guide.parameters(), *lifted.head_parameters()], lr=1e-4)
+    return lambda: elbo_step(model, guide, opt, next(batches))
+
+
+def main():
+    args = arguments(__doc__)
+    loader = loader_for(args)
+    measure({
+        "plain_adam": lambda: plain(infinite_batches(loader)),
+        "sgld": lambda: sgld(infinite_batches(loader), "none"),
+        "psgld": lambda: sgld(infinite_batches(loader), "rmsprop"),
+        "map": lambda: sgld(infinite_batches(loader), "rmsprop", gamma=0.0, jacobian=False),
+        "vi": lambda: vi(infinite_batches(loader)),
+    }, args.steps)
+
+
+if __name__ == "__main__":
+    main()

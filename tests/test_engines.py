@@ -1,0 +1,93 @@
+"""One inference interface: SGLD, MAP and VI fill the same posterior; chains, resumption and merging."""
+import json
+import math
+
+import pytest
+import torch
+
+from bayestune_pyro.cli import main
+from bayestune_pyro.inference.posterior import StreamingPosterior
+from bayestune_pyro.inference.potential import Potential
+from bayestune_pyro.inference.vi import guide_lambda_moments, make_guide
+
+TINY = ["--backbone", "tiny-bert", "--shots-per-class", "3", "--max-length", "16", "--steps", "8", "--warmup", "2",
+        "--burnin", "2", "--thin", "2", "--stage2-steps", "2", "--n-tracked", "16"]
+
+
+def test_map_potential_without_jacobian_fast_equals_trace(tiny_model, text_batch):
+    exact = Potential(tiny_model, fast=False, jacobian=False)
+    z_exact = exact.init(1e-2)
+    with torch.no_grad():
+        z_exact["theta"].add_(0.01 * torch.randn(z_exact["theta"].shape, generator=torch.Generator().manual_seed(0)))
+    _, g_exact = exact.gradient(z_exact, text_batch)
+    fast = Potential(tiny_model, jacobian=False)
+    z_fast = fast.init(1e-2)
+    with torch.no_grad():
+        z_fast["theta"].copy_(z_exact["theta"])
+    _, g_fast = fast.gradient(z_fast, text_batch)
+    fast.release()
+    for k in g_exact:
+        assert torch.allclose(g_fast[k], g_exact[k], atol=1e-5 * g_exact[k].abs().max()), k
+    # the Jacobian's only effect: ∂/∂logλ shifts by 1/N̂
+    with_jac = Potential(tiny_model, fast=False)
+    z = {k: v.detach().clone().requires_grad_(True) for k, v in z_exact.items()}
+    _, g_jac = with_jac.gradient(z, text_batch)
+    assert torch.allclose(g_exact["lambda"] - g_jac["lambda"], torch.full_like(g_jac["lambda"], 1 / tiny_model.n_hat),
+                          atol=1e-7)
+
+
+def test_vi_guide_moments_are_the_log_normal_ones(tiny_model, text_batch):
+    potential = Potential(tiny_model)
+    guide = make_guide(potential, "normal", lambda_init=0.02, init_scale=0.3)
+    guide(text_batch)
+    mean, var = guide_lambda_moments(guide)
+    loc, scale = guide._get_loc_and_scale("lambda")
+    draws = torch.distributions.LogNormal(loc[:50], scale[:50]).sample((20000,))  # the guide's law of λ
+    assert (mean[:50] / draws.mean(0)).mean().item() == pytest.approx(1.0, abs=0.01)
+    assert (var[:50] / draws.var(0)).mean().item() == pytest.approx(1.0, abs=0.05)
+    assert guide()["lambda"].min() > 0
+    assert mean[0].item() == pytest.approx(0.02 * math.exp(0.3**2 / 2), rel=1e-5)
+    delta = make_guide(potential, "delta", lambda_init=0.02, init_scale=0.3)
+    delta(text_batch)
+    mean, var = guide_lambda_moments(delta)
+    assert torch.allclose(mean, torch.full_like(mean, 0.02)) and not var.any()
+
+
+@pytest.mark.parametrize("engine", ["map", "vi", "map-svi"])
+def test_every_engine_runs_the_same_pipeline(tmp_path, engine):
+    out = tmp_path / engine
+    assert main(["run", "--out", str(out), *TINY, "--inference", engine]) == 0
+    posterior = StreamingPosterior.load(out)
+    assert posterior.meta["inference"] == engine and posterior.counts == [2]
+    assert posterior.trace("lambda").shape == (1, 2, 16)
+    mean, var = posterior.pooled("lambda")
+    assert torch.isfinite(mean).all() and (var >= 0).all()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_updated"] == math.floor(0.005 * metrics["n_total"])
+
+
+def test_two_chains_in_one_run_and_merged_from_two_runs(tmp_path, capsys):
+    both = tmp_path / "both"
+    assert main(["stage1", "--out", str(both), *TINY, "--chains", "2"]) == 0
+    pooled = StreamingPosterior.load(both)
+    assert pooled.counts == [2, 2] and pooled.trace("lambda").shape == (2, 2, 16)
+    assert not torch.equal(pooled.mean["lambda"][0], pooled.mean["lambda"][1])  # different seeds
+    for seed in (0, 1):
+        assert main(["stage1", "--out", str(tmp_path / f"s{seed}"), *TINY, "--seed", str(seed)]) == 0
+    assert main(["merge-chains", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "m")]) == 0
+    merged = StreamingPosterior.load(tmp_path / "m")
+    assert merged.counts == [2, 2] and merged.meta["seeds"] == [0, 1]
+    # chain c of a 2-chain run is the run with seed + c: merging separate runs gives the same posterior
+    assert torch.equal(merged.lambda_mean, pooled.lambda_mean)
+    assert torch.equal(merged.trace("delta"), pooled.trace("delta"))
+    assert main(["export", str(tmp_path / "m"), "--p", "0.01"]) == 0
+    assert main(["stage2", str(tmp_path / "m")]) == 0
+    capsys.readouterr()
+    assert main(["merge-chains", str(tmp_path / "s0"), "--out", str(tmp_path / "x")]) == 2
+    assert "at least two" in capsys.readouterr().err
+
+
+def test_bad_engine_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--out", str(tmp_path / "r"), "--inference", "hmc"])
+    assert "--inference" in capsys.readouterr().err
