@@ -37,7 +37,8 @@ GUIDES = {"normal": AutoNormal, "delta": AutoDelta}
 def make_guide(potential: Potential, kind: str, lambda_init: float, init_scale: float):
     """An AutoNormal/AutoDelta guide over the model's latent sites, initialised at θ = θ̄, λ = λ₀."""
     theta_bar = potential.model.lifted.theta_bar
-    start = init_to_value(values={"theta": theta_bar, "lambda": torch.full_like(theta_bar, lambda_init)})
+    # a copy: the guide's loc is built on the init value's storage, and θ̄ must never move
+    start = init_to_value(values={"theta": theta_bar.clone(), "lambda": torch.full_like(theta_bar, lambda_init)})
     if kind == "normal":
         return AutoNormal(potential.model, init_loc_fn=start, init_scale=init_scale)
     return AutoDelta(potential.model, init_loc_fn=start)
