@@ -37,6 +37,7 @@ GUIDES = {"normal": AutoNormal, "delta": AutoDelta}
 def make_guide(potential: Potential, kind: str, lambda_init: float, init_scale: float):
     """An AutoNormal/AutoDelta guide over the model's latent sites, initialised at θ = θ̄, λ = λ₀."""
     theta_bar = potential.model.lifted.theta_bar
+    pyro.clear_param_store()  # autoguide parameters live in Pyro's global store under fixed names
     # a copy: the guide's loc is built on the init value's storage, and θ̄ must never move
     start = init_to_value(values={"theta": theta_bar.clone(), "lambda": torch.full_like(theta_bar, lambda_init)})
     if kind == "normal":
