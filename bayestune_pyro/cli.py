@@ -6,6 +6,8 @@
     bayestune stage2 RUN [options]                          stage 2 + evaluation from RUN's mask
     bayestune merge-chains RUN_A RUN_B ... --out RUN         pool separately run chains
     bayestune diagnose RUN                                  convergence checks: RUN/trace.nc and RUN/report.html
+    bayestune bench --tasks T,... [--data-root DIR] [--methods all] [--p 0.005] [--seeds 3] [--out DIR]
+                                                            methods × tasks × seeds × budgets → results.md
 
 Options come from :class:`RunConfig`; precedence is flags > ``--config`` file > RUN/config.yaml > defaults.
 Errors are one line on stderr and a non-zero exit, never a traceback.
@@ -22,15 +24,20 @@ from pathlib import Path
 import yaml
 
 from .config import RunConfig
+from .methods import METHODS
 
 EXIT_ERROR = 2
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
+def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (),
+                        defaults: dict | None = None) -> None:
     group = parser.add_argument_group("run configuration (defaults in brackets)")
     group.add_argument("--config", metavar="FILE", help="YAML file of options (keys as below, - or _)")
     for f in dataclasses.fields(RunConfig):
+        if f.name in skip:
+            continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = (defaults or {}).get(f.name, default)
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} [{default}]"
         if f.type == "bool":
@@ -80,6 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write RUN/trace.nc (ArviZ InferenceData) and RUN/report.html (verdict, R-hat, "
                                    "ESS, traces, λ̂ curve, mask summary, stage-2 metrics).")
     p.add_argument("run_dir", metavar="RUN", help="run directory holding posterior.safetensors")
+    from .bench.harness import BENCH_DEFAULTS, GRID
+
+    text = ("run every method on every task, seed and budget through the same pipeline; resumable; "
+            "writes OUT/cells.jsonl and OUT/results.md (Table 1's shape)")
+    p = sub.add_parser("bench", help=text, description=text + ". Seed s sets both --seed and --data-seed; the "
+                       "run options below default to the bench protocol (train-size cap, 10%% validation split, "
+                       "step budgets) and apply to every cell.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--tasks", required=True, help="comma-separated task names, e.g. cola,sst2,rte,stsb")
+    p.add_argument("--data-root", metavar="DIR",
+                   help="folder holding the tasks' distribution folders (e.g. glue/ with CoLA/, SST-2/, ...)")
+    p.add_argument("--methods", default="all", help="comma-separated methods, or all: " + ", ".join(METHODS))
+    p.add_argument("--p", default="0.005", help="comma-separated budgets: fractions of covered coordinates")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1")
+    p.add_argument("--out", metavar="DIR", default="runs/bench", help="bench directory (resumed if it exists)")
+    _add_config_options(p, skip=GRID, defaults=BENCH_DEFAULTS)
     return parser
 
 
@@ -138,6 +160,8 @@ def _command(args: argparse.Namespace) -> dict | None:
             raise ValueError(f"out: {str(out)!r} already exists and is not empty; choose another --out")
         merged = pipeline.merge_chains(args.run_dirs, out)
         return {"posterior": str(out / "posterior.safetensors"), "chains": merged.chains, "draws": merged.counts}
+    if args.command == "bench":
+        return _bench(args)
     run_dir = Path(args.run_dir)
     base = _existing_config(run_dir)
     if args.command == "export":
@@ -156,6 +180,30 @@ def _command(args: argparse.Namespace) -> dict | None:
     config = resolve_config(args, base)
     pipeline.write_config(config, run_dir)
     return pipeline.stage2(config, run_dir)
+
+
+def _bench(args: argparse.Namespace) -> dict:
+    from .bench.harness import BENCH_DEFAULTS, parse_list, run_bench
+    from .data import TASKS
+
+    tasks = parse_list("tasks", args.tasks, tuple(TASKS))
+    methods = parse_list("methods", args.methods, METHODS)
+    try:
+        budgets = [float(v) for v in parse_list("p", args.p)]
+    except ValueError:
+        raise ValueError(f"p: expected comma-separated fractions, got {args.p!r}") from None
+    for value in budgets:
+        if not 0 < value <= 1:
+            raise ValueError(f"p: must be fractions in (0, 1], got {value!r}")
+    if args.seeds < 1:
+        raise ValueError(f"seeds: must be >= 1, got {args.seeds!r}")
+    if args.data_root is not None and not Path(args.data_root).is_dir():
+        raise ValueError(f"data_root: {args.data_root!r} is not a directory")
+    base = resolve_config(args, BENCH_DEFAULTS)
+    records = run_bench(base, tasks, methods, budgets, list(range(args.seeds)), args.data_root, args.out)
+    ok = sum(r.get("status") == "ok" for r in records)
+    return {"results": str(Path(args.out) / "results.md"), "cells": str(Path(args.out) / "cells.jsonl"),
+            "finished": ok, "failed": len(records) - ok}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,8 @@ import yaml
 from .data import TASKS
 from .inference.runner import Schedule
 from .inference.sgld import PRECONDITIONERS
+from .finetune.lora import DEFAULT_TARGETS
+from .methods import METHODS, POSTERIOR
 
 ENGINES = ("sgld", "map", "vi", "map-svi")
 
@@ -43,8 +45,21 @@ class RunConfig:
     eval_batch_size: int = _f(64, "batch size for evaluation")
     train_size: int | None = _f(None, "cap the training set at this many examples (seeded subset)")
     shots_per_class: int = _f(32, "bbc-news: training examples per class")
+    validation_fraction: float = _f(0.0, "fraction of the training set held out for model selection: stage 2 "
+                                    "restores the state with the best validation metric")
     include: list[str] = _f(["*"], "search space: glob patterns of covered parameter names", nargs="+")
     exclude: list[str] = _f([], "search space: glob patterns to leave out (the head is always out)", nargs="*")
+    # the method
+    method: str = _f("bayestune", "how coordinates are chosen and trained (see bayestune_pyro/methods.py): "
+                     + ", ".join(METHODS), choices=METHODS)
+    grad_batches: int = _f(8, "gradient, bitfit: minibatches whose |∇| are summed into the score")
+    sift_batches: int = _f(1, "sift: minibatches whose |∇| are summed into the score")
+    sift_modules: list[str] = _f(["*"], "sift: globs of the tensors it may choose from, e.g. '*attention*'",
+                                 nargs="+")
+    l1: float = _f(1e-4, "l1sp: strength of the L1 penalty towards θ̄ in its full fine-tuning stage (--steps)")
+    dense_lr: float = _f(5e-5, "full, and l1sp's first stage: learning rate of dense AdamW fine-tuning")
+    lora_targets: list[str] = _f(list(DEFAULT_TARGETS), "lora: globs of the weight matrices to adapt", nargs="+")
+    lora_rank: int | None = _f(None, "lora: rank r (default: the rank whose parameter count is closest to ⌊p·d⌋)")
     # the model
     alpha: float = _f(0.01, "Gamma shape α of the prior on λ")
     beta: float = _f(100.0, "Gamma rate β of the prior on λ (prior mean α/β)")
@@ -78,22 +93,27 @@ class RunConfig:
     stage2_lr: float = _f(1e-3, "stage-2 learning rate of the masked coordinates (AdamW)")
     stage2_head_lr: float | None = _f(None, "stage-2 learning rate of the head (default: --head-lr)")
     weight_decay: float = _f(0.0, "stage-2 decoupled weight decay (masked coordinates and head only)")
+    eval_every: int = _f(50, "with --validation-fraction: validate every this many stage-2 steps (and at the end)")
 
     def validate(self) -> "RunConfig":
         if self.task not in TASKS:
             raise ValueError(f"task: unknown value {self.task!r}; choose one of: {', '.join(TASKS)}")
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
             raise ValueError(f"data_dir: {self.data_dir!r} is not a directory")
+        if self.method not in METHODS:
+            raise ValueError(f"method: unknown value {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if self.method == "bayestune-map":
+            self.inference = "map"
         if self.inference not in ENGINES:
             raise ValueError(f"inference: unknown value {self.inference!r}; choose one of: {', '.join(ENGINES)}")
         for name in ("chains", "max_length", "batch_size", "eval_batch_size", "shots_per_class", "n_tracked",
-                     "checkpoint_every", "stage2_steps"):
+                     "checkpoint_every", "stage2_steps", "eval_every", "grad_batches", "sift_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)!r}")
         if self.train_size is not None and self.train_size < 1:
             raise ValueError(f"train_size: must be >= 1 or unset, got {self.train_size!r}")
         for name in ("alpha", "beta", "n_hat", "sigma", "lr", "lr_lambda", "head_lr", "lambda_init", "stage2_lr",
-                     "vi_init_scale"):
+                     "vi_init_scale", "dense_lr"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name}: must be a positive number, got {value!r}")
@@ -110,6 +130,15 @@ class RunConfig:
             raise ValueError(f"p: must be a fraction in (0, 1], got {self.p!r}")
         if self.threshold is not None and not self.threshold > 0:
             raise ValueError(f"threshold: must be > 0, got {self.threshold!r}")
+        if self.threshold is not None and self.method not in POSTERIOR:
+            raise ValueError(f"threshold: only {' and '.join(POSTERIOR)} select by a λ̂ threshold; give --p for "
+                             f"method {self.method!r}")
+        if not 0 <= self.validation_fraction <= 0.5:
+            raise ValueError(f"validation_fraction: must be in [0, 0.5], got {self.validation_fraction!r}")
+        if self.l1 < 0:
+            raise ValueError(f"l1: must be >= 0, got {self.l1!r}")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ValueError(f"lora_rank: must be >= 1 or unset, got {self.lora_rank!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay!r}")
         self.schedule()

@@ -10,6 +10,9 @@ Run directory::
     metrics.json           task metric on the test split, n_updated, n_total, p, seconds per stage
 
 Each function reads what earlier stages wrote, so stages can be run (and re-run) one at a time.
+Peer methods (``config.method``, see ``methods.py``) go through the same functions: their mask replaces the
+posterior's (stage 1 is their selection), or, for methods without a fixed mask, stage 2 trains as they
+prescribe; every method gets the same data, budget, stage-2 schedule, model selection and evaluation.
 """
 from __future__ import annotations
 
@@ -23,20 +26,20 @@ import yaml
 
 from .config import RunConfig
 from .data import TaskData, infinite_batches, load_task, make_loader
-from .finetune.delta import SparseDelta
 from .finetune.evaluate import evaluate
-from .finetune.stage2 import SparseFineTuner, Stage2Config
+from .finetune.stage2 import SparseFineTuner, fit
 from .inference.posterior import StreamingPosterior
 from .inference.potential import Potential
 from .inference.runner import CHECKPOINT, CHECKPOINT_INFO, StepSizes, checkpoint_chain, run_stage1
 from .inference.sgld import SGLDConfig
 from .inference.vi import run_svi
 from .io import read_json, write_json, write_yaml
+from .methods import POSTERIOR, SELECTED, make_tuner, select_mask
 from .models.backbones import init_head, load_backbone
 from .models.gamma_laplace import GammaLaplaceModel
 from .models.lifted import LiftedBackbone
 from .models.search_space import SearchSpace
-from .selection.masks import Mask
+from .selection.masks import Mask, budget
 from .selection.uncertainty import select
 
 
@@ -58,9 +61,19 @@ class Setup:
         return infinite_batches(loader)
 
     def test_loader(self):
-        return make_loader(self.task.test, self.lifted.backbone.tokenizer, batch_size=self.config.eval_batch_size,
+        return self._eval_loader(self.task.test)
+
+    def _eval_loader(self, examples):
+        return make_loader(examples, self.lifted.backbone.tokenizer, batch_size=self.config.eval_batch_size,
                            max_length=self.config.max_length, shuffle=False,
                            regression=self.task.spec.is_regression)
+
+    def validator(self):
+        """forward → the task metric on the validation split (None without one), for stage-2 model selection."""
+        if not self.task.validation:
+            return None
+        loader, spec, device = self._eval_loader(self.task.validation), self.task.spec, self.lifted.theta_bar.device
+        return lambda forward: evaluate(forward, loader, spec, device)[spec.metric]
 
     def nll(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean negative log-likelihood of a batch: the stage-2 loss, the same p(y|·) as stage 1."""
@@ -71,7 +84,7 @@ def setup(config: RunConfig) -> Setup:
     """Load the task and a fresh backbone (same seed → same head initialisation), lift it and build the model."""
     config.validate()
     task = load_task(config.task, config.data_dir, seed=config.data_seed, train_size=config.train_size,
-                     shots_per_class=config.shots_per_class)
+                     validation_fraction=config.validation_fraction, shots_per_class=config.shots_per_class)
     backbone = load_backbone(config.backbone, task.spec.num_labels, pretrained=config.pretrained, seed=config.seed)
     lifted = LiftedBackbone(backbone, SearchSpace(tuple(config.include), tuple(config.exclude)), config.device)
     likelihood = "normal" if task.spec.is_regression else "categorical"
@@ -86,6 +99,9 @@ def stage1(config: RunConfig, run_dir: str | os.PathLike, progress: bool = True)
     Every chain starts from the pretrained θ̄; chain c uses seed ``config.seed + c`` (head initialisation, data
     order, dropout, Langevin noise), so it is the single-chain run with that seed. An interrupted run resumes in the chain it stopped.
     """
+    if config.method not in POSTERIOR:
+        raise ValueError(f"method: stage 1 samples a posterior for {' and '.join(POSTERIOR)} only, "
+                         f"not {config.method!r}; use `bayestune run`")
     run_dir = Path(run_dir)
     s = setup(config)
     # the tracked subset is seeded by 0, not the run's seed, so separately run chains can be merged
@@ -157,29 +173,40 @@ def export(run_dir: str | os.PathLike, p: float | None = None, threshold: float 
 
 
 def stage2(config: RunConfig, run_dir: str | os.PathLike, progress: bool = True) -> dict:
-    """Fine-tune the masked coordinates and the head, evaluate, write delta.safetensors and metrics.json."""
+    """Fine-tune with the configured method (the run's mask for masked methods), evaluate, write metrics.json
+    and, for masked methods, delta.safetensors."""
     run_dir = Path(run_dir)
     s = setup(config)
-    mask = Mask.load(run_dir, s.lifted.theta_bar.device)
-    if mask.layout != s.lifted.layout:
-        raise ValueError(f"mask: {run_dir / 'mask.json'} was made for another backbone or search space")
-    tuner = SparseFineTuner(s.lifted, mask.index, s.nll)
+    mask = None
+    if config.method in POSTERIOR + SELECTED:
+        mask = Mask.load(run_dir, s.lifted.theta_bar.device)
+        if mask.layout != s.lifted.layout:
+            raise ValueError(f"mask: {run_dir / 'mask.json'} was made for another backbone or search space")
+    tuner = make_tuner(s, mask)
     start = time.perf_counter()
-    train_cfg = Stage2Config(config.stage2_steps, config.stage2_lr, config.stage2_head_lr or config.head_lr,
-                             config.weight_decay)
-    tuner.train(s.train_batches(), train_cfg, progress=progress)
+    selection = fit(tuner, s.train_batches(), tuner.config, s.validator(), progress)
     seconds = time.perf_counter() - start
     scores = evaluate(tuner.forward, s.test_loader(), s.task.spec, s.lifted.theta_bar.device)
-    sparse = tuner.sparse_delta(config.backbone, s.task.spec.num_labels, config.seed, config.pretrained)
-    sparse.save(run_dir / "delta.safetensors")
-    stage1_meta = read_json(run_dir / "posterior.json") if (run_dir / "posterior.json").exists() else {}
+    metric = s.task.spec.metric
     metrics = {
-        "task": config.task, "metric": s.task.spec.metric, f"test_{s.task.spec.metric}": scores[s.task.spec.metric],
+        "task": config.task, "method": config.method, "metric": metric, f"test_{metric}": scores[metric],
         "test": scores, "n_test": len(s.task.test), "n_train": len(s.task.train),
-        "n_updated": sparse.n_updated, "n_total": s.lifted.d, "p": mask.p, "threshold": mask.threshold,
-        "delta_bytes": (run_dir / "delta.safetensors").stat().st_size,
-        "seconds": {"stage1": stage1_meta.get("seconds"), "stage2": seconds},
+        "n_validation": len(s.task.validation),
+        "n_updated": tuner.n_updated, "budget": budget(config.p, s.lifted.d) if config.p else None,
+        "n_total": s.lifted.d, "p": mask.p if mask is not None else config.p,
+        "threshold": mask.threshold if mask is not None else None,
     }
+    if "best_step" in selection:
+        metrics.update(validation_best_step=selection["best_step"], validation_score=selection["best_score"])
+    if hasattr(tuner, "n_changed"):
+        metrics["n_changed"] = tuner.n_changed()
+    if isinstance(tuner, SparseFineTuner):
+        sparse = tuner.sparse_delta(config.backbone, s.task.spec.num_labels, config.seed, config.pretrained)
+        sparse.save(run_dir / "delta.safetensors")
+        metrics["delta_bytes"] = (run_dir / "delta.safetensors").stat().st_size
+    stage1_meta = read_json(run_dir / "posterior.json") if (run_dir / "posterior.json").exists() else {}
+    selection_seconds = (read_json(run_dir / "mask.json").get("seconds") if mask is not None else None)
+    metrics["seconds"] = {"stage1": stage1_meta.get("seconds", selection_seconds), "stage2": seconds}
     write_json(run_dir / "metrics.json", metrics)
     return metrics
 
@@ -193,8 +220,14 @@ def run(config: RunConfig, run_dir: str | os.PathLike, progress: bool = True) ->
     config.validate()
     run_dir = Path(run_dir)
     write_config(config, run_dir)
-    if not (run_dir / "posterior.json").exists():
-        stage1(config, run_dir, progress)
-    if not (run_dir / "mask.json").exists():
-        export(run_dir, config.p, config.threshold)
+    if config.method in POSTERIOR:
+        if not (run_dir / "posterior.json").exists():
+            stage1(config, run_dir, progress)
+        if not (run_dir / "mask.json").exists():
+            export(run_dir, config.p, config.threshold)
+    elif config.method in SELECTED and not (run_dir / "mask.json").exists():
+        start = time.perf_counter()
+        mask = select_mask(setup(config))
+        mask.info["seconds"] = time.perf_counter() - start
+        mask.save(run_dir)
     return stage2(config, run_dir, progress)

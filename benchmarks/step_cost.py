@@ -13,47 +13,19 @@ and their ratios to plain.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
-import threading
 import time
 
 import torch
 
+from bayestune_pyro.bench.memory import PeakMemory
 from bayestune_pyro.data import infinite_batches, load_task, make_loader
 from bayestune_pyro.inference.potential import Potential
 from bayestune_pyro.inference.sgld import SGLD, SGLDConfig
 from bayestune_pyro.models.backbones import load_backbone
 from bayestune_pyro.models.gamma_laplace import GammaLaplaceModel
 from bayestune_pyro.models.lifted import LiftedBackbone
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-
-class PeakRSS:
-    """Peak resident memory above the level at entry, sampled every millisecond in a thread."""
-
-    def __enter__(self):
-        gc.collect()
-        self.base = self.peak = rss_bytes()
-        self.running = True
-        self.thread = threading.Thread(target=self._poll, daemon=True)
-        self.thread.start()
-        return self
-
-    def _poll(self):
-        while self.running:
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-        self.growth = self.peak - self.base
 
 
 def plain(batches):
@@ -95,7 +67,7 @@ def measure(builders: dict, steps: int) -> None:
     """Print one JSON line per variant: median step seconds, peak MB, and both as ratios to ``plain_adam``."""
     results = {name: {} for name in builders}
     for name, build in builders.items():  # memory: one variant at a time, set-up and 3 steps
-        with PeakRSS() as mem:
+        with PeakMemory() as mem:
             step = build()
             for _ in range(3):
                 step()

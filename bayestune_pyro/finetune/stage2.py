@@ -1,19 +1,29 @@
-"""Stage 2: fine-tune only the masked coordinates of θ, and the head.
+"""Stage 2: fine-tune a budget of backbone coordinates and the head, with validation-based model selection.
 
-The trainable state is a k-vector δ (k = mask size) and the head; the network runs with
-θ = θ̄ + scatter(δ at the mask), built out of place each step. Every unmasked covered coordinate is therefore
-a copy of θ̄ — bitwise, whatever the optimiser does — and the optimiser state is k-sized, not d-sized.
+A *tuner* owns what is trained and how one step updates it; :func:`fit` runs the steps, checks for NaNs,
+evaluates on a validation split every ``eval_every`` steps and restores the best state. Every tuner trains the
+head with AdamW at ``head_lr``; what differs is the backbone update:
+
+- :class:`SparseFineTuner` (a fixed mask, every masked method): only a k-vector δ is trained and the network
+  runs with θ = θ̄ + scatter(δ at the mask). Every unmasked coordinate is a copy of θ̄ — bitwise, whatever the
+  optimiser does (decoupled weight decay acts on δ, i.e. pulls θ towards θ̄ on the mask only) — and the
+  optimiser state is k-sized. ``backward="hooks"`` (SIFT's memory-efficient update) keeps one working copy of θ
+  in the module and gathers each parameter's gradient into δ's k-sized gradient in a post-accumulate hook, so no
+  d-sized gradient is ever stored; tensors without a masked coordinate get no gradient at all.
+- ``dense.DenseFineTuner`` (full fine-tuning, L1-SP), ``lora.LoRATuner``, ``stochastic.StochasticTuner``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
 from ..models.lifted import LiftedBackbone
 from .delta import SparseDelta
+
+BACKWARDS = ("functional", "hooks")
 
 
 @dataclass(frozen=True)
@@ -23,50 +33,169 @@ class Stage2Config:
     head_lr: float = 1e-3
     weight_decay: float = 0.0
     log_every: int = 20
+    eval_every: int | None = None  # validate every this many steps (and at the end) when fit() gets a validator
 
 
-class SparseFineTuner:
-    """θ(δ) = θ̄ + δ on ``index`` (sorted flat indices), trained with AdamW together with the head."""
+class Tuner:
+    """A stage-2 trainer. Subclasses set ``n_updated`` and define ``forward``, ``update`` and the trained state."""
 
-    def __init__(self, lifted: LiftedBackbone, index: torch.Tensor, loss_fn):
-        self.lifted, self.loss_fn = lifted, loss_fn
-        self.index = index.to(lifted.theta_bar.device)
-        self.delta = torch.zeros(self.index.numel(), device=self.index.device, requires_grad=True)
+    n_updated: int = 0
+
+    def __init__(self, lifted: LiftedBackbone, loss_fn: Callable, config: Stage2Config):
+        self.lifted, self.loss_fn, self.config = lifted, loss_fn, config
+        self.device = lifted.theta_bar.device
+        self.head_opt = torch.optim.AdamW(lifted.head_parameters(), lr=config.head_lr,
+                                          weight_decay=config.weight_decay)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def update(self) -> None:
+        """Apply the backbone update from the gradients of the last backward pass, then clear them."""
+        raise NotImplementedError
+
+    def trained(self) -> dict[str, torch.Tensor]:
+        """The backbone's trained tensors (the head is added by :meth:`state`)."""
+        raise NotImplementedError
+
+    def load_trained(self, state: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def step(self, batch: dict) -> torch.Tensor:
+        loss = self.loss_fn(self.forward(batch), batch["labels"])
+        loss.backward()
+        self.update()
+        self.head_opt.step()
+        self.head_opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """A copy of everything trained (for keeping the best validation state)."""
+        head = {f"head.{n}": p.detach().clone() for n, p in zip(self.lifted.head_names, self.lifted.head_parameters())}
+        return {**{k: v.detach().clone() for k, v in self.trained().items()}, **head}
+
+    @torch.no_grad()
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        for n, p in zip(self.lifted.head_names, self.lifted.head_parameters()):
+            p.copy_(state[f"head.{n}"])
+        self.load_trained({k: v for k, v in state.items() if not k.startswith("head.")})
+
+
+def fit(tuner: Tuner, batches: Iterator[dict], config: Stage2Config,
+        validate: Callable[[Callable[[dict], torch.Tensor]], float] | None = None,
+        progress: bool = True) -> dict:
+    """Run ``config.steps`` steps; with ``validate`` (forward → score, higher is better) keep the best state.
+
+    Returns the losses logged every ``log_every`` steps and, when validating, the (step, score) history and the
+    step whose state was restored.
+    """
+    lifted = tuner.lifted
+    losses, history, best = [], [], None
+    bad = torch.zeros((), dtype=torch.bool, device=tuner.device)
+    bar = tqdm(range(config.steps), desc="stage 2", disable=not progress, dynamic_ncols=True, leave=False)
+    lifted.model.train()
+    for step in bar:
+        batch = {k: v.to(tuner.device, non_blocking=True) for k, v in next(batches).items()}
+        loss = tuner.step(batch)
+        bad |= ~torch.isfinite(loss)
+        last = step == config.steps - 1
+        if step % config.log_every == 0 or last:
+            if bad.item():
+                raise FloatingPointError(f"stage 2: loss became NaN/inf at or before step {step}; lower --stage2-lr")
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if validate is not None and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
+            lifted.model.eval()
+            score = validate(tuner.forward)
+            lifted.model.train()
+            history.append((step + 1, score))
+            if best is None or score > best[1]:
+                best = (step + 1, score, tuner.state())
+    bar.close()
+    lifted.model.eval()
+    result = {"losses": losses}
+    if best is not None:
+        tuner.load_state(best[2])
+        result.update(validation=history, best_step=best[0], best_score=best[1])
+    return result
+
+
+class SparseFineTuner(Tuner):
+    """θ(δ) = θ̄ + δ on ``index`` (sorted flat indices), δ trained with AdamW together with the head."""
+
+    def __init__(self, lifted: LiftedBackbone, index: torch.Tensor, loss_fn: Callable,
+                 config: Stage2Config = Stage2Config(), backward: str = "functional"):
+        if backward not in BACKWARDS:
+            raise ValueError(f"backward: unknown value {backward!r}; choose one of: {', '.join(BACKWARDS)}")
+        super().__init__(lifted, loss_fn, config)
+        self.index = index.to(self.device)
+        self.n_updated = int(self.index.numel())
+        self.delta = torch.zeros(self.n_updated, device=self.device, requires_grad=True)
+        self.opt = torch.optim.AdamW([self.delta], lr=config.lr, weight_decay=config.weight_decay)
+        self.backward = backward
+        if backward == "hooks":
+            self._bind_hooks()
 
     def theta(self) -> torch.Tensor:
         return self.lifted.theta_bar.index_add(0, self.index, self.delta)
 
     def forward(self, batch: dict) -> torch.Tensor:
+        if self.backward == "hooks":
+            args, kwargs = self.lifted.backbone.inputs(batch)
+            return self.lifted.backbone.logits(self.lifted.model(*args, **kwargs))
         return self.lifted(self.theta(), batch)
 
-    def train(self, batches: Iterator[dict], config: Stage2Config, progress: bool = True) -> list[float]:
-        """Run ``config.steps`` AdamW steps; returns the loss logged every ``log_every`` steps."""
-        device = self.lifted.theta_bar.device
-        opt = torch.optim.AdamW([
-            {"params": [self.delta], "lr": config.lr, "weight_decay": config.weight_decay},
-            {"params": self.lifted.head_parameters(), "lr": config.head_lr, "weight_decay": config.weight_decay},
-        ])
-        self.lifted.model.train()
-        losses, bad = [], torch.zeros((), dtype=torch.bool, device=device)
-        bar = tqdm(range(config.steps), desc="stage 2", disable=not progress, dynamic_ncols=True)
-        for step in bar:
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-            loss = self.loss_fn(self.forward(batch), batch["labels"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            bad |= ~torch.isfinite(loss.detach())
-            if step % config.log_every == 0 or step == config.steps - 1:
-                if bad.item():
-                    raise FloatingPointError(f"stage 2: loss became NaN/inf at or before step {step}; lower --stage2-lr")
-                losses.append(loss.item())
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        bar.close()
-        self.lifted.model.eval()
-        return losses
+    @torch.no_grad()
+    def _bind_hooks(self) -> None:
+        """One working copy θ in the module; each covered tensor's gradient is gathered at its masked entries."""
+        layout, lifted = self.lifted.layout, self.lifted
+        self.work = lifted.theta_bar.clone()
+        self.delta.grad = torch.zeros_like(self.delta)
+        bounds = torch.tensor(layout.offsets + (layout.d,), device=self.device)
+        cuts = torch.searchsorted(self.index, bounds).tolist()
+        self._handles = []
+        for i, (param, view) in enumerate(zip(lifted.covered_parameters(), layout.split(self.work).values())):
+            param.data = view
+            lo, hi = cuts[i], cuts[i + 1]
+            param.requires_grad_(hi > lo)  # no masked coordinate: no gradient computed at all
+            if hi > lo:
+                local = self.index[lo:hi] - layout.offsets[i]
+                self._handles.append(param.register_post_accumulate_grad_hook(self._gather(local, lo, hi)))
+
+    def _gather(self, local: torch.Tensor, lo: int, hi: int):
+        def hook(param: torch.Tensor) -> None:
+            self.delta.grad[lo:hi] += param.grad.view(-1)[local]
+            param.grad = None  # the tensor-sized gradient lives only inside its own backward node
+        return hook
+
+    @torch.no_grad()
+    def _write_work(self) -> None:
+        self.work[self.index] = self.lifted.theta_bar[self.index] + self.delta
+
+    def update(self) -> None:
+        self.opt.step()
+        if self.backward == "hooks":
+            self.delta.grad.zero_()
+            self._write_work()
+        else:
+            self.opt.zero_grad(set_to_none=True)
+
+    def trained(self) -> dict[str, torch.Tensor]:
+        return {"delta": self.delta}
+
+    @torch.no_grad()
+    def load_trained(self, state: dict[str, torch.Tensor]) -> None:
+        self.delta.copy_(state["delta"])
+        if self.backward == "hooks":
+            self._write_work()
+
+    def train(self, batches: Iterator[dict], progress: bool = True, validate=None) -> dict:
+        """:func:`fit` with this tuner's configuration."""
+        return fit(self, batches, self.config, validate, progress)
 
     def sparse_delta(self, backbone: str, num_labels: int, seed: int, pretrained: bool) -> SparseDelta:
         named = dict(self.lifted.model.named_parameters())
         head = {n: named[n] for n in self.lifted.head_names}
         return SparseDelta.from_flat(self.lifted.layout, self.index, self.delta, head, backbone, num_labels,
                                      seed, pretrained)
+

@@ -28,7 +28,7 @@ class SGLDConfig:
     n_hat: float = 1e9
     gamma: float = 1.0
     preconditioner: str = "rmsprop"
-    rho: float = 0.999  # slow preconditioner: G ~ constant over a relaxation time, so dropping Γ costs ~1%
+    rho: float = 0.9999  # slow preconditioner: G ~ constant over ~10⁴ steps, so dropping Γ costs < 3 MCSE on the toy
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     clip_norm: float | None = None

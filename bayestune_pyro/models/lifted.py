@@ -92,14 +92,14 @@ class LiftedBackbone(nn.Module):
         named = dict(self.model.named_parameters())
         return [named[n] for n in self.head_names]
 
-    def _covered(self) -> list[nn.Parameter]:
+    def covered_parameters(self) -> list[nn.Parameter]:
         named = dict(self.model.named_parameters())
         return [named[n] for n in self.layout.names]
 
     @torch.no_grad()
     def bind(self, theta: torch.Tensor, grad: torch.Tensor) -> None:
         """Make the covered parameters views of ``theta`` whose gradients accumulate into ``grad`` (both flat)."""
-        for p, view, g in zip(self._covered(), self.layout.split(theta).values(), self.layout.split(grad).values()):
+        for p, view, g in zip(self.covered_parameters(), self.layout.split(theta).values(), self.layout.split(grad).values()):
             p.data = view
             p.requires_grad_(True)
             p.grad = g
@@ -108,7 +108,7 @@ class LiftedBackbone(nn.Module):
     @torch.no_grad()
     def unbind(self) -> None:
         """Point the covered parameters back at θ̄, frozen."""
-        for p, view in zip(self._covered(), self.layout.split(self.theta_bar).values()):
+        for p, view in zip(self.covered_parameters(), self.layout.split(self.theta_bar).values()):
             p.data = view
             p.requires_grad_(False)
             p.grad = None
@@ -116,8 +116,12 @@ class LiftedBackbone(nn.Module):
 
     def forward(self, theta: torch.Tensor, batch: dict) -> torch.Tensor:
         """Logits of the network with covered parameters θ (flat, length d)."""
-        args, kwargs = self.backbone.inputs(batch)
         if theta is self.bound:
+            args, kwargs = self.backbone.inputs(batch)
             return self.backbone.logits(self.model(*args, **kwargs))
-        out = functional_call(self.model, self.layout.split(theta), args, kwargs, strict=False)
-        return self.backbone.logits(out)
+        return self.forward_with(self.layout.split(theta), batch)
+
+    def forward_with(self, params: dict[str, torch.Tensor], batch: dict) -> torch.Tensor:
+        """Logits with some parameters replaced by ``params`` (name → tensor); the rest are the module's own."""
+        args, kwargs = self.backbone.inputs(batch)
+        return self.backbone.logits(functional_call(self.model, params, args, kwargs, strict=False))
