@@ -18,7 +18,7 @@ PLAIN = dict(preconditioner="none", lrs={"theta": 0.025, "lambda": 0.5, "b": 0.0
 RUNS = {
     "sgld": PLAIN,
     "sgld_minibatch": {**PLAIN, "batch_size": 50},
-    # pSGLD burns in longer: its preconditioner (ρ = 0.999) takes ~2000 steps to forget the dispersed start
+    # pSGLD burns in longer: its slow preconditioner (default ρ = 0.9999) must forget the dispersed start
     "psgld": dict(preconditioner="rmsprop", lrs={"theta": 4e-3, "lambda": 1.6e-2, "b": 4e-3}, steps=4000, burnin=2000),
     "sgld_gamma_half": {**PLAIN, "gamma": 0.5, "steps": 2500, "burnin": 1000},  # tempered: the wrong posterior
 }

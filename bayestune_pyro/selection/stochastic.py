@@ -14,6 +14,17 @@ from torch import nn
 from ..models.lifted import LiftedBackbone
 
 
+def exponential_race(weights: torch.Tensor, k: int, generator: torch.Generator,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """Sorted indices of k draws without replacement, P ∝ ``weights`` (≥ 0): the k largest w_i / E_i, E_i ~ Exp(1).
+
+    ``out`` (like ``weights``) holds the keys, so a caller stepping in a loop allocates nothing d-sized.
+    """
+    keys = (torch.empty_like(weights) if out is None else out).exponential_(generator=generator)
+    torch.div(weights, keys, out=keys)
+    return keys.topk(k, sorted=False).indices.sort().values
+
+
 class StochasticMasks:
     def __init__(self, lifted: LiftedBackbone, k: int, seed: int = 0):
         if not 0 < k <= lifted.d:
@@ -44,9 +55,7 @@ class StochasticMasks:
         for name, view in self.lifted.layout.split(w).items():
             if name in self.mu:
                 view.mul_(self.mu[name].square())
-        keys = self.keys.exponential_(generator=self.generator)
-        torch.div(w, keys, out=keys)
-        return keys.topk(self.k, sorted=False).indices.sort().values
+        return exponential_race(w, self.k, self.generator, out=self.keys)
 
     def close(self) -> None:
         for handle in self.handles:

@@ -1,0 +1,90 @@
+"""`bayestune bench`: the grid on GLUE fixtures, resuming without recomputation, protocol guard, Table 1 rendering."""
+import json
+from pathlib import Path
+
+import pytest
+
+from bayestune_pyro.bench.harness import cells, parse_list, read_records
+from bayestune_pyro.bench.table import render
+from bayestune_pyro.cli import main
+
+GLUE = Path(__file__).parent / "fixtures" / "glue"
+TINY = ["--backbone", "tiny-bert", "--max-length", "24", "--batch-size", "4", "--steps", "6", "--warmup", "2",
+        "--burnin", "2", "--thin", "2", "--stage2-steps", "3", "--eval-every", "2", "--n-tracked", "8",
+        "--grad-batches", "1"]
+
+
+def test_bench_runs_the_grid_resumes_and_guards_its_protocol(tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = ["bench", "--tasks", "rte,stsb", "--data-root", str(GLUE), "--methods", "bayestune,random,linear",
+            "--seeds", "2", "--out", str(out), *TINY]
+    assert main(args) == 0
+    records = read_records(out / "cells.jsonl")
+    assert len(records) == 2 * 2 * 3 and all(r["status"] == "ok" for r in records)
+    assert {r["metric"] for r in records if r["task"] == "stsb"} == {"pearson_spearman"}
+    for r in records:
+        assert r["budget"] == int(0.005 * r["n_total"])
+        assert r["n_updated"] == (0 if r["method"] == "linear" else r["budget"])
+        assert r["seconds"] > 0 and r["peak_mb"] >= 0
+    heavy = list(out.glob("cells/**/posterior.safetensors")) + list(out.glob("cells/**/delta.safetensors"))
+    assert not heavy  # cell directories keep config, mask and metrics only
+    table = (out / "results.md").read_text()
+    assert "| method | rte (acc.) | stsb (Pearson/Spearman) | Avg | Rank |" in table
+    assert json.loads(capsys.readouterr().out)["finished"] == 12
+
+    before = (out / "cells.jsonl").read_text()
+    assert main(args) == 0  # everything is done: nothing is recomputed
+    assert (out / "cells.jsonl").read_text() == before
+    wider = [a if a != "bayestune,random,linear" else "random,magnitude" for a in args]
+    assert main(wider) == 0  # a new method joins the same bench: only its cells run
+    added = read_records(out / "cells.jsonl")[len(records):]
+    assert sorted((r["task"], r["method"], r["seed"]) for r in added) == sorted(
+        (t, "magnitude", s) for t in ("rte", "stsb") for s in (0, 1))
+
+    capsys.readouterr()
+    assert main([*args, "--stage2-steps", "4"]) == 2
+    assert "stage2_steps=3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,field", [
+    (["--tasks", "cola,imagenet"], "tasks:"),
+    (["--tasks", "rte", "--methods", "bayestune,adapter"], "methods:"),
+    (["--tasks", "rte", "--p", "0.005,2"], "p:"),
+    (["--tasks", "rte", "--seeds", "0"], "seeds:"),
+    (["--tasks", "rte", "--data-root", "/nonexistent"], "data_root:"),
+])
+def test_bad_bench_options_are_one_line_errors(tmp_path, capsys, args, field):
+    assert main(["bench", "--out", str(tmp_path / "b"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bayestune: error: " + field) and "\n" not in err
+
+
+def test_grid_is_seed_major_and_lists_expand_all():
+    grid = cells(["a", "b"], ["m1", "m2"], [0.01], [0, 1])
+    assert [(c.seed, c.task, c.method) for c in grid[:4]] == [(0, "a", "m1"), (0, "a", "m2"), (0, "b", "m1"),
+                                                            (0, "b", "m2")]
+    assert parse_list("methods", "all", ("x", "y")) == ["x", "y"]
+
+
+def test_a_line_cut_by_a_crash_is_ignored(tmp_path):
+    path = tmp_path / "cells.jsonl"
+    path.write_text(json.dumps({"task": "rte"}) + "\n" + '{"task": "st')
+    assert read_records(path) == [{"task": "rte"}]
+
+
+def test_results_table_has_mean_std_average_and_rank(tmp_path):
+    def rec(method, task, seed, score):
+        return {"task": task, "method": method, "seed": seed, "p": 0.005, "status": "ok", "score": score,
+                "metric": {"rte": "accuracy", "cola": "mcc"}[task], "n_updated": 10, "seconds": 2.0, "peak_mb": 5.0}
+
+    records = [rec("random", "rte", 0, 0.5), rec("random", "rte", 1, 0.7), rec("random", "cola", 0, 0.1),
+               rec("random", "cola", 1, 0.1), rec("bayestune", "rte", 0, 0.6), rec("bayestune", "rte", 1, 0.6),
+               rec("bayestune", "cola", 0, 0.3), rec("bayestune", "cola", 1, 0.2), rec("sift", "rte", 0, 0.9),
+               {"task": "cola", "method": "sift", "seed": 0, "p": 0.005, "status": "failed",
+                "error": "FloatingPointError: stage 2: loss became NaN/inf"}]
+    text = render(records, tmp_path / "results.md", tasks_order=["rte", "cola"])
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["random"].startswith("| random | 60.00 ± 14.14 | 10.00 ± 0.00 | 35.00 | 2 |")
+    assert rows["bayestune"].startswith("| bayestune | 60.00 ± 0.00 | 25.00 ± 7.07 | 42.50 | 1 |")
+    assert rows["sift"].startswith("| sift | 90.00 ± 0.00 (n=1) | – | – | – |")  # no average without every task
+    assert "cola / sift / seed 0 / p 0.005: FloatingPointError" in text
