@@ -6,7 +6,8 @@ Both variants use the offline-default backbone (MiniLM-L6) on bbc-news minibatch
 - plain:  forward + backward + torch.optim.Adam over every parameter (what a user would write);
 - sgld:   forward + backward through the Pyro trace's likelihood site + closed-form prior gradient +
           a preconditioned SGLD update of (θ, log λ) with Langevin noise + Adam on the head.
-Memory is the peak resident-set growth while one variant is set up and stepped alone; time is the median over
+Memory is the peak resident-set growth while one variant is set up and stepped 3 times, alone in a forked child
+process (so no variant reuses pages another freed); time is the median over
 steps taken round-robin across variants (after 2 untimed rounds). Prints one JSON line per variant with both
 and their ratios to plain.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import time
 
@@ -63,16 +65,25 @@ def sgld(batches, preconditioner: str = "rmsprop", gamma: float = 1.0, jacobian:
     return step
 
 
+def _peak_growth(build, send) -> None:
+    """Peak resident-memory growth of setting a variant up and taking 3 steps (run in a child process)."""
+    with PeakMemory() as mem:
+        step = build()
+        for _ in range(3):
+            step()
+    send.send(mem.growth)
+
+
 def measure(builders: dict, steps: int) -> None:
     """Print one JSON line per variant: median step seconds, peak MB, and both as ratios to ``plain_adam``."""
     results = {name: {} for name in builders}
-    for name, build in builders.items():  # memory: one variant at a time, set-up and 3 steps
-        with PeakMemory() as mem:
-            step = build()
-            for _ in range(3):
-                step()
-            del step
-        results[name]["peak_mb"] = mem.growth / 2**20
+    fork = multiprocessing.get_context("fork")
+    for name, build in builders.items():  # memory: each variant alone in a fresh child (no reused pages)
+        receive, send = fork.Pipe(duplex=False)
+        child = fork.Process(target=_peak_growth, args=(build, send))
+        child.start()
+        results[name]["peak_mb"] = receive.recv() / 2**20
+        child.join()
     stepper = {name: build() for name, build in builders.items()}
     times = {name: [] for name in builders}
     for round_ in range(steps + 2):  # time: variants interleaved, so drift hits all alike

@@ -1,4 +1,5 @@
 """The command line: help, bad input as one-line errors with nothing left behind, config files and overrides."""
+import json
 import subprocess
 import sys
 
@@ -18,6 +19,8 @@ FAST = ["--backbone", "tiny-bert", "--shots-per-class", "2", "--max-length", "16
     (["--burnin", "100", "--steps", "50"], "burnin:"),
     (["--lr", "abc"], "lr:"),
     (["--gamma", "-1"], "gamma:"),
+    (["--method", "sift", "--threshold", "0.01"], "threshold:"),
+    (["--validation-fraction", "0.9"], "validation_fraction:"),
 ])
 def test_bad_values_give_one_line_and_no_run_directory(tmp_path, capsys, args, field):
     out = tmp_path / "run"
@@ -75,3 +78,14 @@ def test_existing_run_with_other_settings_is_not_mixed(tmp_path, capsys):
     assert "gamma" in capsys.readouterr().err
     assert main(["run", "--out", str(out), *FAST]) == 0  # same settings: stage 1 is reused, the rest runs
     assert (out / "metrics.json").exists()
+
+
+def test_a_peer_method_runs_from_the_command_line_and_stage1_refuses_it(tmp_path, capsys):
+    out = tmp_path / "sift"
+    assert main(["run", "--out", str(out), *FAST, "--method", "sift", "--validation-fraction", "0.2"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "sift" and metrics["n_updated"] == metrics["budget"]
+    assert json.loads((out / "mask.json").read_text())["method"] == "sift"
+    capsys.readouterr()
+    assert main(["stage1", "--out", str(tmp_path / "s1"), *FAST, "--method", "random"]) == 2
+    assert capsys.readouterr().err.startswith("bayestune: error: method: stage 1 samples a posterior")

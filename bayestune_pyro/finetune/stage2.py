@@ -189,10 +189,6 @@ class SparseFineTuner(Tuner):
         if self.backward == "hooks":
             self._write_work()
 
-    def train(self, batches: Iterator[dict], progress: bool = True, validate=None) -> dict:
-        """:func:`fit` with this tuner's configuration."""
-        return fit(self, batches, self.config, validate, progress)
-
     def sparse_delta(self, backbone: str, num_labels: int, seed: int, pretrained: bool) -> SparseDelta:
         named = dict(self.lifted.model.named_parameters())
         head = {n: named[n] for n in self.lifted.head_names}
