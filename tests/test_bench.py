@@ -88,3 +88,18 @@ def test_results_table_has_mean_std_average_and_rank(tmp_path):
     assert rows["bayestune"].startswith("| bayestune | 60.00 ± 0.00 | 25.00 ± 7.07 | 42.50 | 1 |")
     assert rows["sift"].startswith("| sift | 90.00 ± 0.00 (n=1) | – | – | – |")  # no average without every task
     assert "cola / sift / seed 0 / p 0.005: FloatingPointError" in text
+
+
+@pytest.mark.parametrize("suite,tasks", [
+    ("glue", "cola,sst2,mrpc,qqp,stsb,mnli,qnli,rte,wnli"),
+    ("superglue", "boolq,cb,superglue-rte,wic"),
+])
+def test_bench_reads_every_glue_and_superglue_task_in_its_distribution_layout(tmp_path, suite, tasks):
+    out = tmp_path / suite
+    args = ["bench", "--tasks", tasks, "--data-root", str(GLUE.parent / suite), "--methods", "linear",
+            "--seeds", "1", "--out", str(out), *TINY]
+    assert main(args) == 0
+    records = read_records(out / "cells.jsonl")
+    assert [r["task"] for r in records] == tasks.split(",") and all(r["status"] == "ok" for r in records)
+    expected = {"cola": "mcc", "stsb": "pearson_spearman", "mrpc": "f1", "qqp": "f1"}
+    assert all(r["metric"] == expected.get(r["task"], "accuracy") for r in records)
