@@ -12,7 +12,7 @@ METRIC_NAMES = {"mcc": "MCC", "accuracy": "acc.", "f1": "F1", "pearson_spearman"
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
 
 
 def summarise(records: list[dict], tasks_order: list[str] | None = None) -> dict:
@@ -41,8 +41,8 @@ def render(records: list[dict], path: str | os.PathLike, tasks_order: list[str] 
     """Write (atomically) and return the markdown tables."""
     metrics = {r["task"]: r["metric"] for r in records if r.get("status") == "ok"}
     lines = ["# Benchmark results", "",
-             "Test score ×100 on each task's dev set (metric in the header), mean ± std over seeds (n = seeds "
-             "when fewer than the others); Avg is the mean over tasks, Rank orders the averages (1 = best). "
+             "Test score ×100 on each task's dev set (metric in the header), mean ± sample std over seeds (n = "
+             "seeds when fewer than the most any cell has; a single seed shows no spread); Avg is the mean over tasks, Rank orders the averages (1 = best). "
              "n_updated is the number of backbone coordinates stage 2 trains (the head aside; stochastic: per "
              "step); s/cell and peak MB are per cell (selection + stage 2 + evaluation), means over cells.", ""]
     for p, s in summarise(records, tasks_order).items():
@@ -59,7 +59,8 @@ def render(records: list[dict], path: str | os.PathLike, tasks_order: list[str] 
                     cells.append("–")
                     continue
                 mean, std = _mean_std(values)
-                cells.append(f"{mean:.2f} ± {std:.2f}" + (f" (n={len(values)})" if len(values) < seeds else ""))
+                text = f"{mean:.2f} ± {std:.2f}" if len(values) > 1 else f"{mean:.2f}"  # no spread from one seed
+                cells.append(text + (f" (n={len(values)})" if len(values) < seeds else ""))
             avg = f"{s['average'][m]:.2f}" if m in s["average"] else "–"
             rank = str(s["rank"][m]) if m in s["rank"] else "–"
             info = s["info"][m]
