@@ -167,6 +167,9 @@ def export(run_dir: str | os.PathLike, p: float | None = None, threshold: float 
            auto: bool = False, rank: str = "mean", z: float | None = None) -> Mask:
     """Cut the stage-2 mask from the posterior and write it: top-p, score > threshold, or (``auto``) top-p at the
     knee of the sorted λ̂; the score is λ̂ (``rank="mean"``) or λ̂ − z·sd (``"lcb"``). See ``selection.uncertainty``."""
+    if not (Path(run_dir) / "posterior.json").exists():
+        raise ValueError(f"run: {str(run_dir)!r} has no posterior to cut a mask from (run stage 1 there first; "
+                         f"peer methods select their mask in `bayestune run`)")
     mask = select(StreamingPosterior.load(run_dir), p, threshold, auto=auto, rank=rank, z=z)
     mask.save(run_dir)
     return mask

@@ -89,3 +89,11 @@ def test_a_peer_method_runs_from_the_command_line_and_stage1_refuses_it(tmp_path
     capsys.readouterr()
     assert main(["stage1", "--out", str(tmp_path / "s1"), *FAST, "--method", "random"]) == 2
     assert capsys.readouterr().err.startswith("bayestune: error: method: stage 1 samples a posterior")
+
+
+def test_export_says_when_a_run_has_no_posterior(tmp_path, capsys):
+    out = tmp_path / "random"
+    assert main(["run", "--out", str(out), *FAST, "--method", "random"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(out), "--p", "0.01"]) == 2
+    assert "has no posterior" in capsys.readouterr().err
