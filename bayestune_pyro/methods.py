@@ -23,18 +23,19 @@ lora                      none                                        rank match
 """
 from __future__ import annotations
 
+import dataclasses
+
 from .finetune.dense import DenseFineTuner
 from .finetune.lora import LoRATuner, lora_targets, rank_for_budget
 from .finetune.stage2 import SparseFineTuner, Stage2Config, Tuner, fit
 from .finetune.stochastic import StochasticTuner
 from .selection import peers
-from .selection.masks import Mask, budget
+from .selection.masks import Mask, budget, top_k
 
 METHODS = ("bayestune", "bayestune-map", "random", "bitfit", "magnitude", "gradient", "sift", "stochastic",
            "l1sp", "full", "linear", "lora")
 POSTERIOR = ("bayestune", "bayestune-map")  # masks cut from a stage-1 posterior (export)
 SELECTED = ("random", "bitfit", "magnitude", "gradient", "sift", "l1sp", "linear")  # masks from peers.py
-UNMASKED = ("stochastic", "full", "lora")  # no fixed mask
 
 
 def stage2_config(config) -> Stage2Config:
@@ -48,16 +49,16 @@ def select_mask(s) -> Mask:
     k = budget(config.p, lifted.d)
     method, layout = config.method, lifted.layout
     if method == "random":
-        return peers.top_k(peers.random_scores(lifted.d, config.seed, lifted.theta_bar.device), k, layout, method)
+        return top_k(peers.random_scores(lifted.d, config.seed, lifted.theta_bar.device), k, layout, method)
     if method == "magnitude":
-        return peers.top_k(peers.magnitude_scores(lifted), k, layout, method)
+        return top_k(peers.magnitude_scores(lifted), k, layout, method)
     if method == "gradient":
         scores = peers.gradient_scores(lifted, s.train_batches(), s.nll, config.grad_batches)
-        return peers.top_k(scores, k, layout, method, batches=config.grad_batches)
+        return top_k(scores, k, layout, method, batches=config.grad_batches)
     if method == "sift":
         scores = peers.gradient_scores(lifted, s.train_batches(), s.nll, config.sift_batches)
         scores = peers.restrict(scores, layout, tuple(config.sift_modules), k, "sift_modules")
-        return peers.top_k(scores, k, layout, method, batches=config.sift_batches, modules=config.sift_modules)
+        return top_k(scores, k, layout, method, batches=config.sift_batches, modules=config.sift_modules)
     if method == "bitfit":
         return peers.bitfit_mask(layout, k, lambda: peers.gradient_scores(lifted, s.train_batches(), s.nll,
                                                                          config.grad_batches))
@@ -67,9 +68,9 @@ def select_mask(s) -> Mask:
         fit(dense, s.train_batches(), dense.config, progress=False)
         scores = peers.relative_change_scores(dense.theta, lifted.theta_bar)
         dense.release()
-        return peers.top_k(scores, k, layout, method, l1=config.l1, steps=config.steps)
+        return top_k(scores, k, layout, method, l1=config.l1, steps=config.steps)
     if method == "linear":
-        return peers.top_k(lifted.theta_bar, 0, layout, method)
+        return top_k(lifted.theta_bar, 0, layout, method)
     raise ValueError(f"method: {method!r} has no fixed mask; choose one of: {', '.join(POSTERIOR + SELECTED)}")
 
 
@@ -84,8 +85,7 @@ def make_tuner(s, mask: Mask | None) -> Tuner:
     if config.method == "stochastic":
         return StochasticTuner(lifted, s.nll, cfg, k, seed=config.seed)
     if config.method == "full":
-        return DenseFineTuner(lifted, s.nll, Stage2Config(cfg.steps, config.dense_lr, cfg.head_lr, cfg.weight_decay,
-                                                          eval_every=cfg.eval_every))
+        return DenseFineTuner(lifted, s.nll, dataclasses.replace(cfg, lr=config.dense_lr))
     targets = lora_targets(lifted, tuple(config.lora_targets))
     rank = config.lora_rank or rank_for_budget(lifted, targets, k)
     return LoRATuner(lifted, s.nll, cfg, rank, targets, seed=config.seed)

@@ -90,7 +90,7 @@ def _append(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _check_protocol(base: RunConfig, out: Path) -> dict:
+def _check_protocol(base: RunConfig, out: Path) -> None:
     protocol = {k: v for k, v in base.to_dict().items() if k not in GRID}
     path = out / "bench.yaml"
     if path.exists():
@@ -102,18 +102,15 @@ def _check_protocol(base: RunConfig, out: Path) -> dict:
                              "choose another --out or pass the same options")
     else:
         write_yaml(path, protocol)
-    return protocol
 
 
 def run_bench(base: RunConfig, tasks: list[str], methods: list[str], budgets: list[float], seeds: list[int],
               data_root: str | None, out: str | os.PathLike, progress: bool = True) -> list[dict]:
     """Run every missing cell of the grid; returns all records of ``OUT/cells.jsonl``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_protocol(base, out)
     for method in methods:
         if method not in METHODS:
             raise ValueError(f"methods: unknown value {method!r}; choose from: {', '.join(METHODS)}")
+    out = Path(out)
     jsonl = out / "cells.jsonl"
     done = {(r["task"], r["method"], r["seed"], r["p"]) for r in read_records(jsonl)}
     todo = [c for c in cells(tasks, methods, budgets, seeds) if c.key not in done]
@@ -123,7 +120,8 @@ def run_bench(base: RunConfig, tasks: list[str], methods: list[str], budgets: li
 
     for config in {c.task: c for c in configs}.values():  # every task's files readable before the first cell
         load_task(config.task, config.data_dir, seed=0)
-
+    out.mkdir(parents=True, exist_ok=True)  # only now: bad input leaves no bench directory behind
+    _check_protocol(base, out)
     bar = tqdm(list(zip(todo, configs)), desc="bench", disable=not progress, dynamic_ncols=True)
     for cell, config in bar:
         bar.set_postfix(task=cell.task, method=cell.method, seed=cell.seed)

@@ -45,6 +45,7 @@ class LoRATuner(Tuner):
         self.rank, self.targets = rank, targets
         params = dict(lifted.model.named_parameters())
         g = torch.Generator().manual_seed(seed)
+        self.base = {name: params[name] for name in targets}  # frozen views of θ̄
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name in targets:
             out_f, in_f = params[name].shape
@@ -57,8 +58,7 @@ class LoRATuner(Tuner):
         self.n_updated = sum(a.numel() + b.numel() for a, b in self.factors.values())
 
     def forward(self, batch: dict) -> torch.Tensor:
-        params = dict(self.lifted.model.named_parameters())
-        merged = {n: params[n] + SCALE * (b @ a) for n, (a, b) in self.factors.items()}
+        merged = {n: self.base[n] + SCALE * (b @ a) for n, (a, b) in self.factors.items()}
         return self.lifted.forward_with(merged, batch)
 
     def update(self) -> None:

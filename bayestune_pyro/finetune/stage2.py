@@ -153,14 +153,13 @@ class SparseFineTuner(Tuner):
         self.delta.grad = torch.zeros_like(self.delta)
         bounds = torch.tensor(layout.offsets + (layout.d,), device=self.device)
         cuts = torch.searchsorted(self.index, bounds).tolist()
-        self._handles = []
         for i, (param, view) in enumerate(zip(lifted.covered_parameters(), layout.split(self.work).values())):
             param.data = view
             lo, hi = cuts[i], cuts[i + 1]
             param.requires_grad_(hi > lo)  # no masked coordinate: no gradient computed at all
             if hi > lo:
                 local = self.index[lo:hi] - layout.offsets[i]
-                self._handles.append(param.register_post_accumulate_grad_hook(self._gather(local, lo, hi)))
+                param.register_post_accumulate_grad_hook(self._gather(local, lo, hi))
 
     def _gather(self, local: torch.Tensor, lo: int, hi: int):
         def hook(param: torch.Tensor) -> None:

@@ -70,9 +70,15 @@ def check_fraction(p: float) -> None:
 
 def top_p(scores: torch.Tensor, p: float, layout: Layout, method: str = "bayestune") -> Mask:
     """The ⌊p·d⌋ highest-scoring coordinates; equal scores are taken in flat-index order."""
-    k = budget(p, scores.numel())
+    return top_k(scores, budget(p, scores.numel()), layout, method, p=p)
+
+
+def top_k(scores: torch.Tensor, k: int, layout: Layout, method: str, p: float | None = None, **info) -> Mask:
+    """The k highest-scoring coordinates (ties in flat-index order) as a mask; p defaults to k / d."""
+    if not 0 <= k <= scores.numel():
+        raise ValueError(f"k: must be in [0, {scores.numel()}], got {k!r}")
     order = torch.sort(scores, descending=True, stable=True).indices[:k]
-    return Mask(order.sort().values, layout, p=p, method=method)
+    return Mask(order.sort().values, layout, p=k / layout.d if p is None else p, method=method, info=info)
 
 
 def above_threshold(scores: torch.Tensor, threshold: float, layout: Layout, method: str = "bayestune") -> Mask:

@@ -16,17 +16,9 @@ from typing import Callable, Iterator
 import torch
 
 from ..models.lifted import Layout, LiftedBackbone
-from .masks import Mask
+from .masks import Mask, top_k
 
 RELATIVE_EPS = 1e-3  # ε of L1-SP's relative change: below the scale of any trained weight, above exact zeros
-
-
-def top_k(scores: torch.Tensor, k: int, layout: Layout, method: str, **info) -> Mask:
-    """The k highest-scoring coordinates (ties in flat-index order) as a mask; p = k / d."""
-    if not 0 <= k <= scores.numel():
-        raise ValueError(f"k: must be in [0, {scores.numel()}], got {k!r}")
-    order = torch.sort(scores, descending=True, stable=True).indices[:k]
-    return Mask(order.sort().values, layout, p=k / layout.d, method=method, info=info)
 
 
 def random_scores(d: int, seed: int, device: str | torch.device = "cpu") -> torch.Tensor:

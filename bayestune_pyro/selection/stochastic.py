@@ -35,12 +35,11 @@ class StochasticMasks:
         self.weight = torch.empty_like(lifted.theta_bar)
         self.keys = torch.empty_like(lifted.theta_bar)
         self.mu: dict[str, torch.Tensor] = {}
-        self.handles = []
         for name, shape in zip(lifted.layout.names, lifted.layout.shapes):
             owner = name.rpartition(".")[0]
             module = lifted.model.get_submodule(owner) if name.endswith(".weight") else None
             if isinstance(module, nn.Linear) and len(shape) == 2:
-                self.handles.append(module.register_forward_pre_hook(self._recorder(name)))
+                module.register_forward_pre_hook(self._recorder(name))
 
     def _recorder(self, name: str):
         def hook(module, inputs):
@@ -56,7 +55,3 @@ class StochasticMasks:
             if name in self.mu:
                 view.mul_(self.mu[name].square())
         return exponential_race(w, self.k, self.generator, out=self.keys)
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
