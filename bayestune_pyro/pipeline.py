@@ -85,7 +85,8 @@ def setup(config: RunConfig) -> Setup:
     config.validate()
     task = load_task(config.task, config.data_dir, seed=config.data_seed, train_size=config.train_size,
                      validation_fraction=config.validation_fraction, shots_per_class=config.shots_per_class)
-    backbone = load_backbone(config.backbone, task.spec.num_labels, pretrained=config.pretrained, seed=config.seed)
+    backbone = load_backbone(config.backbone, task.spec.num_labels, pretrained=config.pretrained, seed=config.seed,
+                             target_mean=task.target_mean)
     lifted = LiftedBackbone(backbone, SearchSpace(tuple(config.include), tuple(config.exclude)), config.device)
     likelihood = "normal" if task.spec.is_regression else "categorical"
     model = GammaLaplaceModel(lifted, alpha=config.alpha, beta=config.beta, n_hat=config.n_hat,
@@ -110,7 +111,7 @@ def stage1(config: RunConfig, run_dir: str | os.PathLike, progress: bool = True)
                                    device=s.lifted.theta_bar.device)
     start = time.perf_counter()
     for chain in range(checkpoint_chain(run_dir), config.chains):
-        init_head(s.lifted.backbone, config.seed + chain)
+        init_head(s.lifted.backbone, config.seed + chain, s.task.target_mean)
         _run_chain(s, posterior, chain, run_dir, progress)
     posterior.save(run_dir, {"seconds": time.perf_counter() - start, "n_train": len(s.task.train),
                              "inference": config.inference, "seeds": [config.seed + c for c in range(config.chains)]})

@@ -1,6 +1,7 @@
 """The whole pipeline on tiny random-initialised backbones: artifacts, mask budget, bitwise θ̄, delta round trip."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,3 +117,17 @@ def test_interrupted_stage1_resumes_to_the_same_posterior(tmp_path):
     assert resumed.counts == whole.counts
     assert torch.equal(resumed.lambda_mean, whole.lambda_mean)
     assert torch.equal(resumed.trace("delta"), whole.trace("delta"))
+
+
+@pytest.mark.parametrize("task", ["stsb", "rte"])
+def test_regression_head_starts_at_the_training_mean(task):
+    glue = Path(__file__).parent / "fixtures" / "glue"
+    config = RunConfig.from_dict({"task": task, "data_dir": str(glue), "backbone": "tiny-bert", "max_length": 24})
+    s = setup(config)
+    bias = dict(s.lifted.model.named_parameters())["classifier.bias"]
+    if task == "stsb":
+        labels = [e.label for e in s.task.train]
+        assert s.task.target_mean == pytest.approx(sum(labels) / len(labels)) and s.task.target_mean > 0.5
+        assert bias.item() == pytest.approx(s.task.target_mean)
+    else:  # classification heads start at zero
+        assert s.task.target_mean is None and not bias.any()

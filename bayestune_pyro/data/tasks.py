@@ -48,6 +48,13 @@ class TaskData:
     test: list[Example]
     validation: list[Example]
 
+    @property
+    def target_mean(self) -> float | None:
+        """ȳ of the training labels for a regression task (None for classification)."""
+        if not self.spec.is_regression or not self.train:
+            return None
+        return sum(e.label for e in self.train) / len(self.train)
+
 
 @dataclass(frozen=True)
 class _Source:

