@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from bayestune_pyro.bench.harness import cells, parse_list, read_records
 from bayestune_pyro.bench.table import render
@@ -52,11 +53,31 @@ def test_bench_runs_the_grid_resumes_and_guards_its_protocol(tmp_path, capsys):
     (["--tasks", "rte", "--p", "0.005,2"], "p:"),
     (["--tasks", "rte", "--seeds", "0"], "seeds:"),
     (["--tasks", "rte", "--data-root", "/nonexistent"], "data_root:"),
+    (["--tasks", "rte", "--per-task", "rte.stage2_steps"], "per_task:"),
+    (["--tasks", "rte", "--per-task", "cola.stage2_steps=10"], "per_task:"),
+    (["--tasks", "rte", "--per-task", "rte.seed=1"], "per_task:"),
+    (["--tasks", "rte", "--per-task", "rte.stage2_steps=many"], "stage2_steps:"),
 ])
 def test_bad_bench_options_are_one_line_errors(tmp_path, capsys, args, field):
     assert main(["bench", "--out", str(tmp_path / "b"), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("bayestune: error: " + field) and "\n" not in err
+
+
+def test_per_task_options_reach_only_their_task_and_are_part_of_the_protocol(tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = ["bench", "--tasks", "rte,stsb", "--data-root", str(GLUE), "--methods", "random", "--seeds", "1",
+            "--out", str(out), *TINY, "--per-task", "stsb.stage2_steps=5", "--per-task", "stsb.train-size=6"]
+    assert main(args) == 0
+    configs = {t: yaml.safe_load((out / "cells" / t / "random" / "p0.005-seed0" / "config.yaml").read_text())
+               for t in ("rte", "stsb")}
+    assert (configs["rte"]["stage2_steps"], configs["stsb"]["stage2_steps"]) == (3, 5)
+    assert configs["stsb"]["train_size"] == 6 and configs["rte"]["train_size"] == 1000
+    assert yaml.safe_load((out / "bench.yaml").read_text())["per_task"] == {"stsb": {"stage2_steps": 5,
+                                                                                   "train_size": 6}}
+    capsys.readouterr()
+    assert main([a if a != "stsb.stage2_steps=5" else "stsb.stage2_steps=7" for a in args]) == 2
+    assert "per_task=" in capsys.readouterr().err
 
 
 def test_grid_is_seed_major_and_lists_expand_all():

@@ -5,6 +5,8 @@ the training set is capped at ``train_size`` examples and 10% of it is held out 
 stage 2 validates every ``eval_every`` steps and keeps the best state; the test set is the task's labelled
 dev/val split, scored with the task's metric (MCC for CoLA, mean of Pearson and Spearman for STS-B, F1 for
 MRPC/QQP, accuracy otherwise). Within a seed every method sees the same data, head initialisation and batches.
+A task may get its own value of any run option (``--per-task rte.stage2_steps=300``: a bigger train-size cap
+or step budget for a task that needs one); every method on that task gets it.
 
 ``OUT/cells.jsonl`` is appended after every cell, so an interrupted bench resumes where it stopped and a
 finished cell is never recomputed; ``OUT/bench.yaml`` fixes the protocol (a different one is refused);
@@ -24,7 +26,7 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from ..config import RunConfig
+from ..config import RunConfig, coerce
 from ..io import write_yaml
 from ..methods import METHODS
 from .memory import PeakMemory
@@ -65,6 +67,24 @@ def parse_list(field: str, text: str, allowed: tuple[str, ...] | None = None) ->
     return items
 
 
+def parse_per_task(items: list[str], tasks: list[str]) -> dict[str, dict]:
+    """``TASK.FIELD=VALUE`` items → {task: {field: value}}, each value converted to the run option's type."""
+    types = {f.name: f.type for f in dataclasses.fields(RunConfig) if f.name not in GRID}
+    per_task: dict[str, dict] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        task, dot, field = key.strip().partition(".")
+        field = field.replace("-", "_")
+        if not sep or not dot or not value.strip():
+            raise ValueError(f"per_task: {item!r} is not TASK.FIELD=VALUE (e.g. rte.stage2_steps=300)")
+        if task not in tasks:
+            raise ValueError(f"per_task: task {task!r} is not benched; choose from: {', '.join(tasks)}")
+        if field not in types:
+            raise ValueError(f"per_task: {field!r} is not a per-task run option; choose from: {', '.join(sorted(types))}")
+        per_task.setdefault(task, {})[field] = coerce(field, types[field], value.strip())
+    return per_task
+
+
 def cells(tasks: list[str], methods: list[str], budgets: list[float], seeds: list[int]) -> list[Cell]:
     """Seed-major order, so a bench cut short still has every method on every task for its first seeds."""
     return [Cell(t, m, s, p) for s in seeds for t in tasks for p in budgets for m in methods]
@@ -90,8 +110,9 @@ def _append(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _check_protocol(base: RunConfig, out: Path) -> None:
+def _check_protocol(base: RunConfig, per_task: dict[str, dict], out: Path) -> None:
     protocol = {k: v for k, v in base.to_dict().items() if k not in GRID}
+    protocol["per_task"] = per_task
     path = out / "bench.yaml"
     if path.exists():
         old = yaml.safe_load(path.read_text()) or {}
@@ -105,8 +126,11 @@ def _check_protocol(base: RunConfig, out: Path) -> None:
 
 
 def run_bench(base: RunConfig, tasks: list[str], methods: list[str], budgets: list[float], seeds: list[int],
-              data_root: str | None, out: str | os.PathLike, progress: bool = True) -> list[dict]:
-    """Run every missing cell of the grid; returns all records of ``OUT/cells.jsonl``."""
+              data_root: str | None, out: str | os.PathLike, progress: bool = True,
+              per_task: dict[str, dict] | None = None) -> list[dict]:
+    """Run every missing cell of the grid (``per_task``: run options for one task's cells, as
+    :func:`parse_per_task` returns); returns all records of ``OUT/cells.jsonl``."""
+    per_task = per_task or {}
     for method in methods:
         if method not in METHODS:
             raise ValueError(f"methods: unknown value {method!r}; choose from: {', '.join(METHODS)}")
@@ -114,14 +138,14 @@ def run_bench(base: RunConfig, tasks: list[str], methods: list[str], budgets: li
     jsonl = out / "cells.jsonl"
     done = {(r["task"], r["method"], r["seed"], r["p"]) for r in read_records(jsonl)}
     todo = [c for c in cells(tasks, methods, budgets, seeds) if c.key not in done]
-    configs = [_cell_config(base, c, data_root) for c in todo]  # every cell validated before the first runs
+    configs = [_cell_config(base, c, data_root, per_task.get(c.task, {})) for c in todo]  # every cell validated before the first runs
     from .. import pipeline  # heavy imports after validation
     from ..data import load_task
 
     for config in {c.task: c for c in configs}.values():  # every task's files readable before the first cell
         load_task(config.task, config.data_dir, seed=0)
     out.mkdir(parents=True, exist_ok=True)  # only now: bad input leaves no bench directory behind
-    _check_protocol(base, out)
+    _check_protocol(base, per_task, out)
     bar = tqdm(list(zip(todo, configs)), desc="bench", disable=not progress, dynamic_ncols=True)
     for cell, config in bar:
         bar.set_postfix(task=cell.task, method=cell.method, seed=cell.seed)
@@ -153,8 +177,8 @@ def run_bench(base: RunConfig, tasks: list[str], methods: list[str], budgets: li
     return records
 
 
-def _cell_config(base: RunConfig, cell: Cell, data_root: str | None) -> RunConfig:
-    values = {**base.to_dict(), "task": cell.task, "method": cell.method, "seed": cell.seed,
+def _cell_config(base: RunConfig, cell: Cell, data_root: str | None, overrides: dict) -> RunConfig:
+    values = {**base.to_dict(), **overrides, "task": cell.task, "method": cell.method, "seed": cell.seed,
               "data_seed": cell.seed, "p": cell.p, "threshold": None,
               "data_dir": data_root if data_root is not None else base.data_dir}
     return RunConfig.from_dict(values).validate()
