@@ -1,5 +1,7 @@
 """`bayestune bench`: the grid on GLUE fixtures, resuming without recomputation, protocol guard, Table 1 rendering."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,8 @@ from bayestune_pyro.bench.harness import cells, parse_list, read_records
 from bayestune_pyro.bench.table import render
 from bayestune_pyro.cli import main
 
-GLUE = Path(__file__).parent / "fixtures" / "glue"
+ROOT = Path(__file__).parent.parent
+GLUE = ROOT / "tests" / "fixtures" / "glue"
 TINY = ["--backbone", "tiny-bert", "--max-length", "24", "--batch-size", "4", "--steps", "6", "--warmup", "2",
         "--burnin", "2", "--thin", "2", "--stage2-steps", "3", "--eval-every", "2", "--n-tracked", "8",
         "--grad-batches", "1"]
@@ -45,6 +48,20 @@ def test_bench_runs_the_grid_resumes_and_guards_its_protocol(tmp_path, capsys):
     capsys.readouterr()
     assert main([*args, "--stage2-steps", "4"]) == 2
     assert "stage2_steps=3" in capsys.readouterr().err
+
+    anatomy = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mask_anatomy.py"), str(out),
+                              "--reference", "random"], capture_output=True, text=True, check=True).stdout
+    rows = [line.split(" | ") for line in anatomy.splitlines()[2:]]
+    assert sorted((r[0].strip("| "), r[1]) for r in rows) == sorted(
+        (t, m) for t in ("rte", "stsb") for m in ("bayestune", "random", "magnitude"))
+    for row in rows:
+        shares = [float(v) for v in row[2:-2]]
+        overlap, no_data = float(row[-2]), float(row[-1].strip(" |"))
+        assert sum(shares) == pytest.approx(1, abs=0.01) and 0 <= overlap <= 1
+        embeddings = shares[1]  # no-data coordinates are input-embedding rows of tokens the fixture never uses
+        assert no_data <= embeddings + 1e-3
+        if row[1] == "random":
+            assert overlap == 1 and no_data > 0.9 * embeddings > 0
 
 
 @pytest.mark.parametrize("args,field", [
