@@ -64,12 +64,12 @@ def main() -> None:
             continue
         config = RunConfig.from_dict(yaml.safe_load((task_dir / next(iter(masks)) / cell / "config.yaml").read_text()))
         name, unseen = unseen_rows(setup(config))
-        reference = set(masks[args.reference].index.tolist()) if args.reference in masks else None
+        reference = masks[args.reference].index if args.reference in masks else None
         for method, mask in masks.items():
             shares = Counter()
             for tensor, count in mask.counts().items():
                 shares[module_type(tensor)] += count
-            overlap = "–" if reference is None else f"{len(reference & set(mask.index.tolist())) / mask.k:.3f}"
+            overlap = "–" if reference is None else f"{int(torch.isin(mask.index, reference).sum()) / mask.k:.3f}"
             print(f"| {task_dir.name} | {method} | " + " | ".join(f"{shares[t] / mask.k:.3f}" for t in TYPES)
                   + f" | {overlap} | {no_data_count(mask, name, unseen) / mask.k:.3f} |")
 

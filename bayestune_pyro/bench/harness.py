@@ -138,7 +138,8 @@ def run_bench(base: RunConfig, tasks: list[str], methods: list[str], budgets: li
     jsonl = out / "cells.jsonl"
     done = {(r["task"], r["method"], r["seed"], r["p"]) for r in read_records(jsonl)}
     todo = [c for c in cells(tasks, methods, budgets, seeds) if c.key not in done]
-    configs = [_cell_config(base, c, data_root, per_task.get(c.task, {})) for c in todo]  # every cell validated before the first runs
+    # every cell is validated before the first one runs
+    configs = [_cell_config(base, c, data_root, per_task.get(c.task, {})) for c in todo]
     from .. import pipeline  # heavy imports after validation
     from ..data import load_task
 
