@@ -199,4 +199,5 @@ def coerce(name: str, kind: str, value):
             return [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
         return str(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected a {base}, got {value!r}") from None
+        article = "an" if base[0] in "aeiou" else "a"
+        raise ValueError(f"{name}: expected {article} {base}, got {value!r}") from None
