@@ -7,7 +7,7 @@
     bayestune merge-chains RUN_A RUN_B ... --out RUN         pool separately run chains
     bayestune diagnose RUN                                  convergence checks: RUN/trace.nc and RUN/report.html
     bayestune bench --tasks T,... [--data-root DIR] [--methods all] [--p 0.005] [--seeds 3] [--out DIR]
-                    [--per-task TASK.FIELD=VALUE ...]
+                    [--per-task TASK.FIELD=VALUE ...] [--per-method METHOD.FIELD=VALUE ...]
                                                             methods × tasks × seeds × budgets → results.md
 
 Options come from :class:`RunConfig`; precedence is flags > ``--config`` file > RUN/config.yaml > defaults.
@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-task", metavar="TASK.FIELD=VALUE", action="append", default=[],
                    help="a run option for one task's cells (repeatable), e.g. rte.stage2_steps=300 or "
                         "cola.train_size=4000")
+    p.add_argument("--per-method", metavar="METHOD.FIELD=VALUE", action="append", default=[],
+                   help="a run option for one method's cells (repeatable), e.g. bayestune.gamma=1e-4,1e-2,1 (a "
+                        "grid chosen on validation)")
     _add_config_options(p, skip=GRID, defaults=BENCH_DEFAULTS)
     return parser
 
@@ -187,7 +190,7 @@ def _command(args: argparse.Namespace) -> dict | None:
 
 
 def _bench(args: argparse.Namespace) -> dict:
-    from .bench.harness import BENCH_DEFAULTS, parse_list, parse_per_task, run_bench
+    from .bench.harness import BENCH_DEFAULTS, parse_list, parse_overrides, run_bench
     from .data import TASKS
 
     tasks = parse_list("tasks", args.tasks, tuple(TASKS))
@@ -203,10 +206,11 @@ def _bench(args: argparse.Namespace) -> dict:
         raise ValueError(f"seeds: must be >= 1, got {args.seeds!r}")
     if args.data_root is not None and not Path(args.data_root).is_dir():
         raise ValueError(f"data_root: {args.data_root!r} is not a directory")
-    per_task = parse_per_task(args.per_task, tasks)
+    per_task = parse_overrides("per_task", args.per_task, tasks)
+    per_method = parse_overrides("per_method", args.per_method, methods)
     base = resolve_config(args, BENCH_DEFAULTS)
     records = run_bench(base, tasks, methods, budgets, list(range(args.seeds)), args.data_root, args.out,
-                        per_task=per_task)
+                        per_task=per_task, per_method=per_method)
     ok = sum(r.get("status") == "ok" for r in records)
     return {"results": str(Path(args.out) / "results.md"), "cells": str(Path(args.out) / "cells.jsonl"),
             "finished": ok, "failed": len(records) - ok}

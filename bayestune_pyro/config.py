@@ -15,12 +15,14 @@ from pathlib import Path
 import yaml
 
 from .data import TASKS
+from .inference.posterior import ESTIMATORS
 from .inference.runner import Schedule
 from .inference.sgld import PRECONDITIONERS
 from .finetune.lora import DEFAULT_TARGETS
 from .methods import METHODS, POSTERIOR
 
 ENGINES = ("sgld", "map", "vi", "map-svi")
+GRID_FIELDS = ("gamma", "n_hat", "lr_lambda")  # stage-1 options that take a list, chosen on validation
 
 
 def _f(default, help: str, **kw):
@@ -63,7 +65,8 @@ class RunConfig:
     # the model
     alpha: float = _f(0.01, "Gamma shape α of the prior on λ")
     beta: float = _f(100.0, "Gamma rate β of the prior on λ (prior mean α/β)")
-    n_hat: float = _f(1e9, "effective data size N̂ (likelihood weight)")
+    n_hat: float | list[float] = _f(1e9, "effective data size N̂ (likelihood weight); a list (1e8,1e10) is a grid "
+                                    "chosen on validation, like --gamma")
     sigma: float = _f(1.0, "regression tasks: noise scale σ of the Normal likelihood")
     # stage 1: inference
     inference: str = _f("sgld", "sgld (sampling), map (the SGLD kernel with γ = 0), vi (SVI, AutoNormal guide), "
@@ -75,13 +78,24 @@ class RunConfig:
     burnin: int = _f(100, "burn-in steps: SGLD, nothing collected")
     thin: int = _f(10, "collect every thin-th SGLD state in the sampling phase")
     lr: float = _f(1e-4, "stage-1 learning rate for θ (η = 2·lr/N̂)")
-    lr_lambda: float = _f(1e-2, "stage-1 learning rate for log λ")
+    lr_lambda: float | list[float] = _f(1e-2, "stage-1 learning rate for log λ; a list is a grid, like --gamma")
     head_lr: float = _f(1e-3, "learning rate of the head (Adam, both stages unless --stage2-head-lr)")
     lambda_init: float = _f(1e-4, "initial λ₀ of every coordinate")
-    gamma: float = _f(1.0, "noise discount γ (temperature γ²); 0 is MAP")
+    gamma: float | list[float] = _f(1.0, "noise discount γ (temperature γ²); 0 is MAP. A list (1e-4,1e-2,1) is a "
+                                    "grid: every point runs stage 1 and 2, and the best validation score wins "
+                                    "(needs --validation-fraction)")
     preconditioner: str = _f("rmsprop", "none (SGLD), rmsprop (pSGLD), adam (the original code; not a sampler)",
                              choices=PRECONDITIONERS)
     clip_norm: float | None = _f(None, "clip the stage-1 gradient of (θ, log λ) to this total norm")
+    precond_eps: float | None = _f(None, "rmsprop: ε of G = 1/(√v + ε), the bound G ≤ 1/ε; default 1/(λ₀·N̂), the "
+                                   "prior's gradient scale, so a coordinate without data moves on the prior's scale")
+    freeze_preconditioner: bool = _f(True, "rmsprop: stop adapting the preconditioner G when sampling starts, so "
+                                     "sampling is exact SGLD with a constant G")
+    gibbs: bool = _f(False, "in burn-in and sampling, draw λ from its exact conditional λ | θ (GIG) after each "
+                     "SGLD step on θ, instead of a Langevin step on log λ")
+    lambda_estimator: str | None = _f(None, "λ̂ from the λ draws (draws) or the mean of E[λ | θ] over draws "
+                                      "(rao-blackwell); default: rao-blackwell for sgld, draws (the λ path) for "
+                                      "map and bayestune-paper", choices=ESTIMATORS)
     n_tracked: int = _f(256, "coordinates whose full traces are kept")
     delta_moments: bool = _f(False, "also keep the posterior mean and variance of θ − θ̄ for every coordinate")
     checkpoint_every: int = _f(100, "stage-1 checkpoint interval in steps")
@@ -114,11 +128,25 @@ class RunConfig:
             raise ValueError(f"train_size: must be >= 1 or unset, got {self.train_size!r}")
         for name in ("alpha", "beta", "n_hat", "sigma", "lr", "lr_lambda", "head_lr", "lambda_init", "stage2_lr",
                      "vi_init_scale", "dense_lr"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name}: must be a positive number, got {value!r}")
-        if self.gamma < 0:
-            raise ValueError(f"gamma: must be >= 0 (0 is MAP), got {self.gamma!r}")
+            for value in _values(getattr(self, name)):
+                if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                    raise ValueError(f"{name}: must be a positive number, got {value!r}")
+        for value in _values(self.gamma):
+            if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
+                raise ValueError(f"gamma: must be >= 0 (0 is MAP), got {value!r}")
+        if self.precond_eps is not None and not (self.precond_eps > 0 and math.isfinite(self.precond_eps)):
+            raise ValueError(f"precond_eps: must be a positive number or unset, got {self.precond_eps!r}")
+        grid = [name for name in GRID_FIELDS if isinstance(getattr(self, name), list)]
+        if grid and self.method not in POSTERIOR:
+            raise ValueError(f"{grid[0]}: a list is a grid over stage-1 posteriors; method {self.method!r} has none")
+        if grid and not self.validation_fraction > 0:
+            raise ValueError(f"{grid[0]}: a grid is chosen on the validation split; set --validation-fraction > 0")
+        if self.lambda_estimator is not None and self.lambda_estimator not in ESTIMATORS:
+            raise ValueError(f"lambda_estimator: unknown value {self.lambda_estimator!r}; "
+                             f"choose one of: {', '.join(ESTIMATORS)}")
+        if self.gibbs and (self.method == "bayestune-paper" or self.inference != "sgld"):
+            raise ValueError(f"gibbs: the Gibbs step for λ is part of the sgld engine of bayestune, not of method "
+                             f"{self.method!r} with inference {self.inference!r}")
         if self.preconditioner not in PRECONDITIONERS:
             raise ValueError(f"preconditioner: unknown value {self.preconditioner!r}; "
                              f"choose one of: {', '.join(PRECONDITIONERS)}")
@@ -147,6 +175,25 @@ class RunConfig:
     def schedule(self) -> Schedule:
         return Schedule(self.steps, self.warmup, self.burnin, self.thin)
 
+    def estimator(self) -> str:
+        """The λ̂ estimator: as set, else rao-blackwell when sampling and draws (the λ path) otherwise."""
+        if self.lambda_estimator is not None:
+            return self.lambda_estimator
+        return "rao-blackwell" if self.inference == "sgld" and self.method == "bayestune" else "draws"
+
+    def grid(self) -> list[dict]:
+        """The grid points: one {field: value} per combination of the list-valued ``GRID_FIELDS``."""
+        points = [{}]
+        for name in GRID_FIELDS:
+            points = [{**point, name: value} for point in points for value in _values(getattr(self, name))]
+        return points
+
+    def single(self, stage: str) -> None:
+        """Refuse a grid where one stage 1 is meant."""
+        for name in GRID_FIELDS:
+            if isinstance(getattr(self, name), list):
+                raise ValueError(f"{name}: {stage} runs one grid point; a list is run by `bayestune run`")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -173,6 +220,10 @@ class RunConfig:
         return cls.from_dict({k.replace("-", "_"): v for k, v in values.items()}, source=f"config {path.name}")
 
 
+def _values(value) -> list:
+    return list(value) if isinstance(value, list) else [value]
+
+
 def coerce(name: str, kind: str, value):
     """Convert a YAML or command-line value to the field's declared type, or say which field is wrong."""
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
@@ -195,6 +246,11 @@ def coerce(name: str, kind: str, value):
             return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
         if base == "float":
             return float(value)
+        if base == "float | list[float]":
+            items = value if isinstance(value, (list, tuple)) else str(value).split(",") if isinstance(value, str) \
+                else [value]
+            floats = [float(v) for v in items]
+            return floats[0] if len(floats) == 1 else floats
         if base == "list[str]":
             return [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
         return str(value)

@@ -7,6 +7,10 @@ method                    stage 1 (selection)                         stage 2
 ========================  ==========================================  =========================================
 bayestune                 SGLD posterior, top-k by λ̂                  fixed mask: δ on k coordinates
 bayestune-map             the same with γ = 0 (MAP)                   fixed mask
+bayestune-paper           the original algorithm: λ in linear space   fixed mask
+                          (clamped at 1e-8), Adam on noisy gradients,
+                          likelihood gradient clipped at norm 1,
+                          top-k by the mean of the λ draws
 random                    k uniformly random coordinates              fixed mask
 magnitude                 top-k |θ̄|                                   fixed mask
 gradient (SAM)            top-k Σ|∇| over ``grad_batches`` batches    fixed mask
@@ -32,9 +36,9 @@ from .finetune.stochastic import StochasticTuner
 from .selection import peers
 from .selection.masks import Mask, budget, top_k
 
-METHODS = ("bayestune", "bayestune-map", "random", "bitfit", "magnitude", "gradient", "sift", "stochastic",
+METHODS = ("bayestune", "bayestune-map", "bayestune-paper", "random", "bitfit", "magnitude", "gradient", "sift", "stochastic",
            "l1sp", "full", "linear", "lora")
-POSTERIOR = ("bayestune", "bayestune-map")  # masks cut from a stage-1 posterior (export)
+POSTERIOR = ("bayestune", "bayestune-map", "bayestune-paper")  # masks cut from a stage-1 posterior (export)
 SELECTED = ("random", "bitfit", "magnitude", "gradient", "sift", "l1sp", "linear")  # masks from peers.py
 
 

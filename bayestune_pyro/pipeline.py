@@ -16,7 +16,10 @@ prescribe; every method gets the same data, budget, stage-2 schedule, model sele
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .config import RunConfig
+from .config import GRID_FIELDS, RunConfig
 from .data import TaskData, infinite_batches, load_task, make_loader
 from .finetune.evaluate import evaluate
 from .finetune.stage2 import SparseFineTuner, fit
@@ -33,7 +36,7 @@ from .inference.potential import Potential
 from .inference.runner import CHECKPOINT, CHECKPOINT_INFO, StepSizes, checkpoint_chain, run_stage1
 from .inference.sgld import SGLDConfig
 from .inference.vi import run_svi
-from .io import read_json, write_json, write_yaml
+from .io import atomic_path, read_json, write_json, write_yaml
 from .methods import POSTERIOR, SELECTED, make_tuner, select_mask
 from .models.backbones import init_head, load_backbone
 from .models.gamma_laplace import GammaLaplaceModel
@@ -103,11 +106,12 @@ def stage1(config: RunConfig, run_dir: str | os.PathLike, progress: bool = True)
     if config.method not in POSTERIOR:
         raise ValueError(f"method: stage 1 samples a posterior for {' and '.join(POSTERIOR)} only, "
                          f"not {config.method!r}; use `bayestune run`")
+    config.single("stage 1")
     run_dir = Path(run_dir)
     s = setup(config)
     # the tracked subset is seeded by 0, not the run's seed, so separately run chains can be merged
     posterior = StreamingPosterior(s.lifted.layout, chains=config.chains, n_tracked=config.n_tracked,
-                                   track_delta_moments=config.delta_moments, seed=0,
+                                   track_delta_moments=config.delta_moments, estimator=config.estimator(), seed=0,
                                    device=s.lifted.theta_bar.device)
     start = time.perf_counter()
     for chain in range(checkpoint_chain(run_dir), config.chains):
@@ -132,11 +136,17 @@ def _run_chain(s: Setup, posterior: StreamingPosterior, chain: int, run_dir: Pat
                 guide_kind="normal" if config.inference == "vi" else "delta", init_scale=config.vi_init_scale,
                 **common)
         return
-    kernel = SGLDConfig(n_hat=config.n_hat, gamma=0.0 if config.inference == "map" else config.gamma,
-                        preconditioner=config.preconditioner, clip_norm=config.clip_norm)
-    # MAP is the mode of the model's own density in λ (as AutoDelta's), so no Jacobian when γ = 0
-    potential = Potential(s.model, jacobian=config.inference != "map")
-    run_stage1(potential, batches, config.schedule(), kernel, sizes, posterior, **common)
+    if config.method == "bayestune-paper":  # the original code: Adam on noisy gradients, λ in linear space
+        kernel = SGLDConfig(n_hat=config.n_hat, gamma=config.gamma, preconditioner="adam")
+        potential = Potential(s.model, lambda_space="linear", clip_likelihood=1.0)
+    else:
+        eps = config.precond_eps or 1.0 / (config.lambda_init * config.n_hat)
+        kernel = SGLDConfig(n_hat=config.n_hat, gamma=0.0 if config.inference == "map" else config.gamma,
+                            preconditioner=config.preconditioner, eps=eps, clip_norm=config.clip_norm,
+                            freeze_preconditioner=config.freeze_preconditioner)
+        # MAP is the mode of the model's own density in λ (as AutoDelta's), so no Jacobian when γ = 0
+        potential = Potential(s.model, jacobian=config.inference != "map")
+    run_stage1(potential, batches, config.schedule(), kernel, sizes, posterior, gibbs=config.gibbs, **common)
 
 
 def merge_chains(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> StreamingPosterior:
@@ -179,6 +189,7 @@ def export(run_dir: str | os.PathLike, p: float | None = None, threshold: float 
 def stage2(config: RunConfig, run_dir: str | os.PathLike, progress: bool = True) -> dict:
     """Fine-tune with the configured method (the run's mask for masked methods), evaluate, write metrics.json
     and, for masked methods, delta.safetensors."""
+    config.single("stage 2")
     run_dir = Path(run_dir)
     s = setup(config)
     mask = None
@@ -215,15 +226,59 @@ def stage2(config: RunConfig, run_dir: str | os.PathLike, progress: bool = True)
     return metrics
 
 
+GRID_OUTPUTS = ("posterior.safetensors", "posterior.json", "mask.safetensors", "mask.json", "delta.safetensors")
+
+
+def run_grid(config: RunConfig, run_dir: Path, progress: bool = True) -> dict:
+    """Run every grid point (the paper's Appendix A) in ``RUN/grid/<point>/`` and keep the one whose stage 2
+    scores best on the *validation* split; the test split plays no part in the choice.
+
+    The chosen point's posterior, mask and delta are copied to ``RUN``; ``metrics.json`` is the chosen point's,
+    plus ``grid`` (every point with its validation score) and ``chosen``. A NaN validation score never wins.
+    """
+    points = []
+    for point in config.grid():
+        name = "_".join(f"{k}={v:g}" for k, v in point.items())
+        sub = run_dir / "grid" / name
+        done = (sub / "metrics.json").exists()  # a finished point of an interrupted grid is not rerun
+        metrics = read_json(sub / "metrics.json") if done else run(dataclasses.replace(config, **point), sub, progress)
+        score = metrics.get("validation_score")
+        points.append({**point, "directory": f"grid/{name}", "validation_score": score})
+    finite = [i for i, pt in enumerate(points) if pt["validation_score"] is not None
+              and math.isfinite(pt["validation_score"])]
+    if not finite:
+        raise FloatingPointError(f"grid: no grid point has a finite validation score ({run_dir})")
+    best = max(finite, key=lambda i: points[i]["validation_score"])  # the first point wins a tie
+    chosen = run_dir / points[best]["directory"]
+    for name in GRID_OUTPUTS:
+        if (chosen / name).exists():
+            with atomic_path(run_dir / name) as tmp:
+                shutil.copyfile(chosen / name, tmp)
+    metrics = read_json(chosen / "metrics.json")
+    metrics.update(grid=points, chosen={k: v for k, v in points[best].items() if k in GRID_FIELDS})
+    metrics["seconds"] = {"grid": sum(_seconds(run_dir / pt["directory"]) for pt in points), **metrics["seconds"]}
+    write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _seconds(run_dir: Path) -> float:
+    return sum(v or 0.0 for v in read_json(run_dir / "metrics.json")["seconds"].values())
+
+
 def write_config(config: RunConfig, run_dir: str | os.PathLike) -> None:
     write_yaml(Path(run_dir) / "config.yaml", config.to_dict())
 
 
 def run(config: RunConfig, run_dir: str | os.PathLike, progress: bool = True) -> dict:
-    """The whole pipeline; stages whose outputs already exist in ``run_dir`` are not repeated."""
+    """The whole pipeline; stages whose outputs already exist in ``run_dir`` are not repeated.
+
+    A list-valued γ, N̂ or lr_λ is a grid: see :func:`run_grid`.
+    """
     config.validate()
     run_dir = Path(run_dir)
     write_config(config, run_dir)
+    if len(config.grid()) > 1:
+        return run_grid(config, run_dir, progress)
     if config.method in POSTERIOR:
         if not (run_dir / "posterior.json").exists():
             stage1(config, run_dir, progress)

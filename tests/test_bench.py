@@ -1,14 +1,18 @@
 """`bayestune bench`: the grid on GLUE fixtures, resuming without recomputation, protocol guard, Table 1 rendering."""
+import itertools
 import json
+import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from bayestune_pyro.bench.harness import cells, parse_list, read_records
-from bayestune_pyro.bench.table import render
+from bayestune_pyro.bench.table import bootstrap_interval, render, summarise
 from bayestune_pyro.cli import main
 
 ROOT = Path(__file__).parent.parent
@@ -141,3 +145,77 @@ def test_bench_reads_every_glue_and_superglue_task_in_its_distribution_layout(tm
     assert [r["task"] for r in records] == tasks.split(",") and all(r["status"] == "ok" for r in records)
     expected = {"cola": "mcc", "stsb": "pearson_spearman", "mrpc": "f1", "qqp": "f1"}
     assert all(r["metric"] == expected.get(r["task"], "accuracy") for r in records)
+
+
+def _record(method, task, seed, score):
+    return {"task": task, "method": method, "seed": seed, "p": 0.005, "status": "ok", "score": score,
+            "metric": {"rte": "accuracy", "cola": "mcc"}[task], "n_updated": 10, "seconds": 2.0, "peak_mb": 5.0}
+
+
+def _rows(text):
+    return {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+
+
+def test_paired_differences_to_the_reference_pair_by_seed_with_bootstrap_intervals(tmp_path):
+    reference = {("rte", 0): 0.60, ("rte", 1): 0.62, ("rte", 2): 0.58, ("cola", 0): 0.30, ("cola", 1): 0.25,
+                 ("cola", 2): 0.35}
+    offsets = {"random": {0: 2, 1: 2, 2: 2}, "magnitude": {0: -1, 1: 0, 2: 4}}
+    records = [_record("bayestune", t, s, v) for (t, s), v in reference.items()]
+    records += [_record(m, t, s, v + offsets[m][s] / 100) for m in offsets for (t, s), v in reference.items()]
+    # sift: rte on every seed, cola on seeds 0-1 only; Avg pairs seeds 0-1 (per seed (-2 + 0)/2 and (-4 + 2)/2)
+    records += [_record("sift", "rte", s, reference[("rte", s)] + d / 100) for s, d in ((0, -2), (1, -4), (2, 30))]
+    records += [_record("sift", "cola", s, reference[("cola", s)] + d / 100) for s, d in ((0, 0), (1, 2))]
+    records += [_record("linear", "rte", 0, 0.55), _record("lora", "rte", 7, 0.9)]  # lora: no seed in common
+    text = render(records, tmp_path / "results.md", tasks_order=["rte", "cola"])
+    assert render(records, tmp_path / "again.md", tasks_order=["rte", "cola"]) == text  # deterministic
+    section = text.split("### Paired differences to bayestune")[1]
+    assert "| comparison | rte (acc.) | cola (MCC) | Avg |" in section and "positive = better than bayestune" in section
+    rows = _rows(section)
+    exact = "**+2.00 [+2.00, +2.00]**"  # +2 on every seed: no spread, and 0 excluded
+    assert rows["random − bayestune"] == "| random − bayestune | " + " | ".join([exact] * 3) + " |"
+    assert rows["sift − bayestune"] == ("| sift − bayestune | +8.00 [-4.00, +30.00] | +1.00 [+0.00, +2.00] (n=2) | "
+                                        "**-1.00 [-1.00, -1.00]** (n=2) |")
+    assert rows["linear − bayestune"] == "| linear − bayestune | -5.00 [–] (n=1) | – | – |"
+    assert "lora − bayestune" not in rows and "| lora | 90.00 (n=1) |" in text  # skipped here, kept above
+    assert "bayestune − bayestune" not in rows
+
+    # magnitude: differences -1, 0, +4 on every task. Of the 27 equally likely resamples, the all-min and all-max
+    # ones each carry 1/27 > 2.5%, so ~370 of 10,000 draws sit on each end and the percentiles land exactly on them.
+    diffs = [-1, 0, 4]
+    means = [statistics.fmean(c) for c in itertools.product(diffs, repeat=3)]
+    assert means.count(min(means)) / len(means) > 0.025 and means.count(max(means)) / len(means) > 0.025
+    entry = f"+1.00 [{min(means):+.2f}, {max(means):+.2f}]"
+    assert rows["magnitude − bayestune"] == "| magnitude − bayestune | " + " | ".join([entry] * 3) + " |"
+    low, high = bootstrap_interval(np.array(diffs, dtype=float))
+    assert min(diffs) <= low <= statistics.fmean(diffs) <= high <= max(diffs)
+
+    by_seed = summarise(records, ["rte", "cola"])[0.005]["paired"]
+    assert set(by_seed) == {"random", "magnitude", "sift", "linear"}
+    assert by_seed["sift"]["Avg"] == pytest.approx([-1, -1])
+    assert "Paired differences to random" in render(records, tmp_path / "r.md", reference="random")
+    assert "Paired differences" not in render(records, tmp_path / "b.md", reference="bitfit")  # absent reference
+
+
+def test_bootstrap_interval_is_about_mean_plus_minus_1_96_standard_errors_with_many_seeds():
+    diffs = np.random.default_rng(1).normal(3.0, 2.0, size=40)
+    low, high = bootstrap_interval(diffs)
+    se = diffs.std() / math.sqrt(len(diffs))  # the bootstrap's standard error of the mean (plug-in std)
+    assert low == pytest.approx(diffs.mean() - 1.96 * se, abs=0.15 * se)
+    assert high == pytest.approx(diffs.mean() + 1.96 * se, abs=0.15 * se)
+    assert bootstrap_interval(diffs) == (low, high)
+
+
+def test_a_nan_score_is_a_failed_cell_not_averaged_in(tmp_path):
+    records = [_record("bayestune", "rte", s, 0.6) for s in range(3)]
+    records += [_record("random", "rte", 0, 0.5), _record("random", "rte", 1, 0.7),
+                _record("random", "rte", 2, float("nan"))]
+    summary = summarise(records)[0.005]
+    assert summary["scores"][("random", "rte")] == pytest.approx({0: 50, 1: 70})
+    assert list(summary["paired"]["random"]["rte"]) == pytest.approx([-10, 10])
+    text = render(records, tmp_path / "results.md")
+    rows = _rows(text)
+    assert rows["random"].startswith("| random | 60.00 ± 14.14 (n=2) | 60.00 | 2 |")  # a tie ranks by order
+    entry = "+0.00 [-10.00, +10.00]"  # two paired seeds, the most of any entry here: no (n=…)
+    assert rows["random − bayestune"] == f"| random − bayestune | {entry} | {entry} |"
+    assert "- rte / random / seed 2 / p 0.005: non-finite score nan" in text.split("## Failed cells")[1]
+    assert "nan" not in text.split("## Failed cells")[0].lower()

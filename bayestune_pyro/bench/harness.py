@@ -6,7 +6,8 @@ stage 2 validates every ``eval_every`` steps and keeps the best state; the test 
 dev/val split, scored with the task's metric (MCC for CoLA, mean of Pearson and Spearman for STS-B, F1 for
 MRPC/QQP, accuracy otherwise). Within a seed every method sees the same data, head initialisation and batches.
 A task may get its own value of any run option (``--per-task rte.stage2_steps=300``: a bigger train-size cap
-or step budget for a task that needs one); every method on that task gets it.
+or step budget for a task that needs one); every method on that task gets it. A method may get its own too
+(``--per-method bayestune.gamma=1e-4,1e-2,1``: a grid chosen on validation, see ``pipeline.run_grid``).
 
 ``OUT/cells.jsonl`` is appended after every cell, so an interrupted bench resumes where it stopped and a
 finished cell is never recomputed; ``OUT/bench.yaml`` fixes the protocol (a different one is refused);
@@ -35,6 +36,8 @@ from .table import render
 BENCH_DEFAULTS = {"train_size": 1000, "validation_fraction": 0.1, "steps": 120, "warmup": 40, "burnin": 40,
                   "thin": 4, "stage2_steps": 150, "eval_every": 50, "eval_batch_size": 128}
 GRID = ("task", "data_dir", "method", "seed", "data_seed", "p", "threshold")  # set per cell, not protocol
+# what an option added later meant in a bench.yaml written before it: the behaviour of the code at the time
+LEGACY = {"precond_eps": 1e-8, "freeze_preconditioner": False, "gibbs": False, "lambda_estimator": "draws", "per_method": {}}
 HEAVY = ("posterior.safetensors", "delta.safetensors", "stage1.ckpt", "trace.nc")
 
 
@@ -67,22 +70,26 @@ def parse_list(field: str, text: str, allowed: tuple[str, ...] | None = None) ->
     return items
 
 
-def parse_per_task(items: list[str], tasks: list[str]) -> dict[str, dict]:
-    """``TASK.FIELD=VALUE`` items → {task: {field: value}}, each value converted to the run option's type."""
+def parse_overrides(option: str, items: list[str], keys: list[str]) -> dict[str, dict]:
+    """``KEY.FIELD=VALUE`` items, KEY a benched task (``per_task``) or method (``per_method``) → {key: {field:
+    value}}, each value converted to the run option's type (a comma list for γ, N̂ or lr_λ is a grid)."""
     types = {f.name: f.type for f in dataclasses.fields(RunConfig) if f.name not in GRID}
-    per_task: dict[str, dict] = {}
+    what = option.removeprefix("per_")
+    overrides: dict[str, dict] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        task, dot, field = key.strip().partition(".")
+        name, dot, field = key.strip().partition(".")
         field = field.replace("-", "_")
         if not sep or not dot or not value.strip():
-            raise ValueError(f"per_task: {item!r} is not TASK.FIELD=VALUE (e.g. rte.stage2_steps=300)")
-        if task not in tasks:
-            raise ValueError(f"per_task: task {task!r} is not benched; choose from: {', '.join(tasks)}")
+            raise ValueError(f"{option}: {item!r} is not {what.upper()}.FIELD=VALUE (e.g. "
+                             f"{'rte.stage2_steps=300' if what == 'task' else 'bayestune.gamma=1e-4,1e-2,1'})")
+        if name not in keys:
+            raise ValueError(f"{option}: {what} {name!r} is not benched; choose from: {', '.join(keys)}")
         if field not in types:
-            raise ValueError(f"per_task: {field!r} is not a per-task run option; choose from: {', '.join(sorted(types))}")
-        per_task.setdefault(task, {})[field] = coerce(field, types[field], value.strip())
-    return per_task
+            raise ValueError(f"{option}: {field!r} is not a per-{what} run option; "
+                             f"choose from: {', '.join(sorted(types))}")
+        overrides.setdefault(name, {})[field] = coerce(field, types[field], value.strip())
+    return overrides
 
 
 def cells(tasks: list[str], methods: list[str], budgets: list[float], seeds: list[int]) -> list[Cell]:
@@ -110,12 +117,12 @@ def _append(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _check_protocol(base: RunConfig, per_task: dict[str, dict], out: Path) -> None:
+def _check_protocol(base: RunConfig, per_task: dict[str, dict], per_method: dict[str, dict], out: Path) -> None:
     protocol = {k: v for k, v in base.to_dict().items() if k not in GRID}
-    protocol["per_task"] = per_task
+    protocol.update(per_task=per_task, per_method=per_method)
     path = out / "bench.yaml"
     if path.exists():
-        old = yaml.safe_load(path.read_text()) or {}
+        old = {**LEGACY, **(yaml.safe_load(path.read_text()) or {})}
         changed = [k for k in protocol if old.get(k) != protocol[k]]
         if changed:
             k = changed[0]
@@ -127,10 +134,10 @@ def _check_protocol(base: RunConfig, per_task: dict[str, dict], out: Path) -> No
 
 def run_bench(base: RunConfig, tasks: list[str], methods: list[str], budgets: list[float], seeds: list[int],
               data_root: str | None, out: str | os.PathLike, progress: bool = True,
-              per_task: dict[str, dict] | None = None) -> list[dict]:
-    """Run every missing cell of the grid (``per_task``: run options for one task's cells, as
-    :func:`parse_per_task` returns); returns all records of ``OUT/cells.jsonl``."""
-    per_task = per_task or {}
+              per_task: dict[str, dict] | None = None, per_method: dict[str, dict] | None = None) -> list[dict]:
+    """Run every missing cell of the grid (``per_task`` / ``per_method``: run options for one task's or one
+    method's cells, as :func:`parse_overrides` returns; a task's win); returns all records of ``OUT/cells.jsonl``."""
+    per_task, per_method = per_task or {}, per_method or {}
     for method in methods:
         if method not in METHODS:
             raise ValueError(f"methods: unknown value {method!r}; choose from: {', '.join(METHODS)}")
@@ -139,14 +146,15 @@ def run_bench(base: RunConfig, tasks: list[str], methods: list[str], budgets: li
     done = {(r["task"], r["method"], r["seed"], r["p"]) for r in read_records(jsonl)}
     todo = [c for c in cells(tasks, methods, budgets, seeds) if c.key not in done]
     # every cell is validated before the first one runs
-    configs = [_cell_config(base, c, data_root, per_task.get(c.task, {})) for c in todo]
+    configs = [_cell_config(base, c, data_root, {**per_method.get(c.method, {}), **per_task.get(c.task, {})})
+               for c in todo]
     from .. import pipeline  # heavy imports after validation
     from ..data import load_task
 
     for config in {c.task: c for c in configs}.values():  # every task's files readable before the first cell
         load_task(config.task, config.data_dir, seed=0)
     out.mkdir(parents=True, exist_ok=True)  # only now: bad input leaves no bench directory behind
-    _check_protocol(base, per_task, out)
+    _check_protocol(base, per_task, per_method, out)
     bar = tqdm(list(zip(todo, configs)), desc="bench", disable=not progress, dynamic_ncols=True)
     for cell, config in bar:
         bar.set_postfix(task=cell.task, method=cell.method, seed=cell.seed)
@@ -169,8 +177,9 @@ def run_bench(base: RunConfig, tasks: list[str], methods: list[str], budgets: li
                           seconds=time.perf_counter() - start, peak_mb=mem.growth / 2**20)
             if "n_changed" in metrics:
                 record["n_changed"] = metrics["n_changed"]
-        for name in HEAVY:
-            (directory / name).unlink(missing_ok=True)
+        for name in HEAVY:  # also in the points of a grid (RUN/grid/*/)
+            for path in directory.rglob(name):
+                path.unlink()
         _append(jsonl, record)
         render(read_records(jsonl), out / "results.md", tasks_order=tasks)
     records = read_records(jsonl)

@@ -1,79 +1,157 @@
-"""``results.md`` from the bench records: Table 1's shape — methods × tasks, mean ± std over seeds, average, rank."""
+"""``results.md`` from the bench records: Table 1's shape — methods × tasks, mean ± std over seeds, average,
+rank — and below it the per-seed paired differences to a reference method with bootstrap intervals."""
 from __future__ import annotations
 
+import math
 import os
 import statistics
 from collections import defaultdict
+
+import numpy as np
 
 from ..io import atomic_path
 from ..methods import METHODS
 
 METRIC_NAMES = {"mcc": "MCC", "accuracy": "acc.", "f1": "F1", "pearson_spearman": "Pearson/Spearman"}
+RESAMPLES = 10_000
+
+
+def _ok(record: dict) -> bool:
+    """A usable cell: status ok and a finite score (a NaN score counts as failed, never averaged in)."""
+    return record.get("status") == "ok" and math.isfinite(record.get("score", math.nan))
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
 
 
-def summarise(records: list[dict], tasks_order: list[str] | None = None) -> dict:
-    """Per budget p: per (method, task) the test scores (×100) over seeds, the average over tasks and the rank."""
-    ok = [r for r in records if r.get("status") == "ok"]
+def bootstrap_interval(diffs: np.ndarray) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean of ``diffs``: seeds resampled with replacement."""
+    rng = np.random.default_rng(0)
+    means = diffs[rng.integers(0, len(diffs), size=(RESAMPLES, len(diffs)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def _paired(scores: dict, tasks: list[str], method: str, reference: str) -> dict[str, np.ndarray]:
+    """Per task, and "Avg" over tasks, ``method`` − ``reference`` on the seeds both have (Avg: only seeds with
+    every task), in seed order."""
+    per_task = {t: {s: v - scores[(reference, t)][s] for s, v in scores.get((method, t), {}).items()
+                    if s in scores.get((reference, t), {})} for t in tasks}
+    full = sorted(set.intersection(*(set(d) for d in per_task.values())))
+    columns = {t: np.array([d[s] for s in sorted(d)]) for t, d in per_task.items() if d}
+    if full:
+        columns["Avg"] = np.array([statistics.fmean(d[s] for d in per_task.values()) for s in full])
+    return columns
+
+
+def summarise(records: list[dict], tasks_order: list[str] | None = None, reference: str = "bayestune") -> dict:
+    """Per budget p: per (method, task) the test scores (×100) by seed, the average over tasks, the rank, and per
+    method the paired differences to ``reference`` (none if it is absent)."""
+    ok = [r for r in records if _ok(r)]
     tasks = [t for t in (tasks_order or []) if any(r["task"] == t for r in ok)]
     tasks += sorted({r["task"] for r in ok} - set(tasks))
     summary = {}
     for p in sorted({r["p"] for r in ok}):
-        scores, info = defaultdict(list), defaultdict(lambda: defaultdict(list))
+        scores, info = defaultdict(dict), defaultdict(lambda: defaultdict(list))
         for r in ok:
             if r["p"] == p:
-                scores[(r["method"], r["task"])].append(100 * r["score"])
+                scores[(r["method"], r["task"])][r["seed"]] = 100 * r["score"]
                 for key in ("n_updated", "seconds", "peak_mb"):
                     info[r["method"]][key].append(r[key])
         methods = [m for m in METHODS if any((m, t) in scores for t in tasks)]
-        averages = {m: statistics.fmean(statistics.fmean(scores[(m, t)]) for t in tasks)
+        averages = {m: statistics.fmean(statistics.fmean(scores[(m, t)].values()) for t in tasks)
                     for m in methods if all((m, t) in scores for t in tasks)}
         ranked = sorted(averages, key=averages.get, reverse=True)
+        paired = {m: _paired(scores, tasks, m, reference) for m in methods
+                  if m != reference and reference in methods}
         summary[p] = {"tasks": tasks, "methods": methods, "scores": dict(scores), "average": averages,
-                      "rank": {m: ranked.index(m) + 1 for m in ranked}, "info": info}
+                      "rank": {m: ranked.index(m) + 1 for m in ranked}, "info": info,
+                      "paired": {m: columns for m, columns in paired.items() if columns}}
     return summary
 
 
-def render(records: list[dict], path: str | os.PathLike, tasks_order: list[str] | None = None) -> str:
+def _header(first: str, tasks: list[str], metrics: dict[str, str], extra: list[str]) -> list[str]:
+    """A table's header row (``first``, tasks with their metric, ``extra``) and its rule."""
+    names = [first, *(f"{t} ({METRIC_NAMES.get(metrics[t], metrics[t])})" for t in tasks), *extra]
+    return ["| " + " | ".join(names) + " |", "|---" * len(names) + "|"]
+
+
+def _main_table(s: dict, metrics: dict[str, str]) -> list[str]:
+    """Mean ± std per task, average, rank, n_updated, s/cell and peak MB per method."""
+    seeds = max((len(v) for v in s["scores"].values()), default=0)
+    lines = _header("method", s["tasks"], metrics, ["Avg", "Rank", "n_updated", "s/cell", "peak MB"])
+    for m in s["methods"]:
+        cells = []
+        for t in s["tasks"]:
+            values = list(s["scores"].get((m, t), {}).values())
+            if not values:
+                cells.append("–")
+                continue
+            mean, std = _mean_std(values)
+            text = f"{mean:.2f} ± {std:.2f}" if len(values) > 1 else f"{mean:.2f}"  # no spread from one seed
+            cells.append(text + (f" (n={len(values)})" if len(values) < seeds else ""))
+        avg = f"{s['average'][m]:.2f}" if m in s["average"] else "–"
+        rank = str(s["rank"][m]) if m in s["rank"] else "–"
+        info = s["info"][m]
+        updated = sorted(set(info["n_updated"]))
+        updated_text = f"{updated[0]:,}" if len(updated) == 1 else f"{updated[0]:,}–{updated[-1]:,}"
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {avg} | {rank} | {updated_text} | "
+                     f"{statistics.fmean(info['seconds']):.0f} | {statistics.fmean(info['peak_mb']):.0f} |")
+    return lines
+
+
+def _difference(diffs: np.ndarray | None, seeds: int) -> str:
+    """``+mean [low, high]``, bold if the interval excludes 0; ``(n=…)`` below ``seeds`` paired seeds."""
+    if diffs is None:
+        return "–"
+    n = f" (n={len(diffs)})" if len(diffs) < seeds else ""
+    if len(diffs) == 1:
+        return f"{diffs[0]:+z.2f} [–]{n}"
+    low, high = bootstrap_interval(diffs)
+    text = f"{diffs.mean():+z.2f} [{low:+z.2f}, {high:+z.2f}]"  # z: no "-0.00" from rounding
+    return (f"**{text}**" if low > 0 or high < 0 else text) + n
+
+
+def _paired_table(s: dict, metrics: dict[str, str], reference: str) -> list[str]:
+    """The paired differences to ``reference`` with their explanation; none without a paired method."""
+    if not s["paired"]:
+        return []
+    seeds = max(len(d) for columns in s["paired"].values() for d in columns.values())
+    lines = [f"### Paired differences to {reference}", "",
+             f"100 × (method − {reference}) per seed, on the seeds both have (a seed fixes the data subset, head "
+             f"initialisation and batch order); positive = better than {reference}. Mean over seeds with a 95% "
+             f"percentile bootstrap interval (seeds resampled with replacement, {RESAMPLES:,} resamples); bold: the "
+             "interval excludes 0. Avg: per seed the mean over tasks, on the seeds with every task. With few "
+             "seeds (e.g. 3) a percentile bootstrap interval is optimistic (too narrow); the mean ± std table above "
+             "remains.",
+             "", *_header("comparison", s["tasks"], metrics, ["Avg"])]
+    for m, columns in s["paired"].items():
+        cells = [_difference(columns.get(c), seeds) for c in [*s["tasks"], "Avg"]]
+        lines.append(f"| {m} − {reference} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _failed(records: list[dict]) -> list[str]:
+    """The cells that failed or scored NaN, one line each."""
+    failed = [r for r in records if not _ok(r)]
+    lines = [f"- {r['task']} / {r['method']} / seed {r['seed']} / p {r['p']:g}: "
+             + r.get("error", f"non-finite score {r.get('score')}") for r in failed]
+    return ["## Failed cells", "", *lines, ""] if lines else []
+
+
+def render(records: list[dict], path: str | os.PathLike, tasks_order: list[str] | None = None,
+           reference: str = "bayestune") -> str:
     """Write (atomically) and return the markdown tables."""
-    metrics = {r["task"]: r["metric"] for r in records if r.get("status") == "ok"}
+    metrics = {r["task"]: r["metric"] for r in records if _ok(r)}
     lines = ["# Benchmark results", "",
              "Test score ×100 on each task's dev set (metric in the header), mean ± sample std over seeds (n = "
              "seeds when fewer than the most any cell has; a single seed shows no spread); Avg is the mean over tasks, Rank orders the averages (1 = best). "
              "n_updated is the number of backbone coordinates stage 2 trains (the head aside; stochastic: per "
              "step); s/cell and peak MB are per cell (selection + stage 2 + evaluation), means over cells.", ""]
-    for p, s in summarise(records, tasks_order).items():
-        seeds = max((len(v) for v in s["scores"].values()), default=0)
-        lines += [f"## p = {p:g}", "",
-                  "| method | " + " | ".join(f"{t} ({METRIC_NAMES.get(metrics[t], metrics[t])})" for t in s["tasks"])
-                  + " | Avg | Rank | n_updated | s/cell | peak MB |",
-                  "|---" * (len(s["tasks"]) + 6) + "|"]
-        for m in s["methods"]:
-            cells = []
-            for t in s["tasks"]:
-                values = s["scores"].get((m, t))
-                if not values:
-                    cells.append("–")
-                    continue
-                mean, std = _mean_std(values)
-                text = f"{mean:.2f} ± {std:.2f}" if len(values) > 1 else f"{mean:.2f}"  # no spread from one seed
-                cells.append(text + (f" (n={len(values)})" if len(values) < seeds else ""))
-            avg = f"{s['average'][m]:.2f}" if m in s["average"] else "–"
-            rank = str(s["rank"][m]) if m in s["rank"] else "–"
-            info = s["info"][m]
-            updated = sorted(set(info["n_updated"]))
-            updated_text = f"{updated[0]:,}" if len(updated) == 1 else f"{updated[0]:,}–{updated[-1]:,}"
-            lines.append(f"| {m} | " + " | ".join(cells) + f" | {avg} | {rank} | {updated_text} | "
-                         f"{statistics.fmean(info['seconds']):.0f} | {statistics.fmean(info['peak_mb']):.0f} |")
-        lines.append("")
-    failed = [r for r in records if r.get("status") == "failed"]
-    if failed:
-        lines += ["## Failed cells", ""]
-        lines += [f"- {r['task']} / {r['method']} / seed {r['seed']} / p {r['p']:g}: {r['error']}" for r in failed]
-        lines.append("")
+    for p, s in summarise(records, tasks_order, reference).items():
+        lines += [f"## p = {p:g}", "", *_main_table(s, metrics), "", *_paired_table(s, metrics, reference)]
+    lines += _failed(records)
     text = "\n".join(lines)
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -128,7 +128,7 @@ def tensor_summary(posterior: StreamingPosterior, mask: Mask | None = None) -> x
     """Per parameter tensor, from the pooled moments of all its coordinates: size, mean and max λ̂, mean and max
     Var[λ], mean coefficient of variation sd/λ̂, and how many coordinates the mask holds."""
     layout = posterior.layout
-    mean, var = (layout.split(x) for x in posterior.pooled("lambda"))
+    mean, var = (layout.split(x) for x in posterior.pooled(posterior.estimate))
     names = layout.names
     data = {"lambda_mean": [float(mean[n].mean()) for n in names],
             "lambda_max": [float(mean[n].max()) for n in names],
@@ -161,6 +161,6 @@ def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def chain_agreement(posterior: StreamingPosterior, p: float) -> np.ndarray:
-    """(chains, chains) Jaccard overlaps of the top-p sets picked by each chain's own λ̂ (``.mean["lambda"][c]``)."""
-    sets = [top_p(posterior.mean["lambda"][c], p, posterior.layout).index for c in range(posterior.chains)]
+    """(chains, chains) Jaccard overlaps of the top-p sets picked by each chain's own λ̂."""
+    sets = [top_p(posterior.mean[posterior.estimate][c], p, posterior.layout).index for c in range(posterior.chains)]
     return np.array([[jaccard(a, b) for b in sets] for a in sets])

@@ -94,7 +94,7 @@ def _page(run_dir: Path, posterior: StreamingPosterior, config: RunConfig, idata
         mask, mask_source = Mask.load(run_dir), "mask.json"
     else:
         mask, mask_source = select(posterior, config.p, config.threshold), "config.yaml (not exported yet)"
-    mean, var = posterior.pooled("lambda")
+    mean, var = posterior.pooled(posterior.estimate)
     lambda_th = mask.threshold if mask.threshold is not None else (float(mean[mask.index].min()) if mask.k else None)
     curve = Curve.of(mean)
     try:

@@ -5,6 +5,12 @@ updates running moments (Welford) of λ — and of θ − θ̄ if asked — for 
 values of K seeded, tracked coordinates plus per-sample statistics (minibatch loss, log joint) to traces.
 Moments are kept per chain and pooled on demand (Chan et al.'s parallel combination).
 
+λ̂ comes from one of two estimators (``estimator``):
+- ``draws``: the mean of the λ draws;
+- ``rao-blackwell``: the mean over draws of E[λ_i | θ_i⁽ˢ⁾], the closed-form conditional mean of
+  :class:`LambdaConditional` (λ_i | θ_i ~ GIG, since the data never touch λ). It never has a larger variance than
+  ``draws`` and needs no mixing in λ. Its variance moment is the spread of E[λ|θ] over draws.
+
 Files: ``posterior.safetensors`` (tensors) and ``posterior.json`` (layout, counts, settings).
 """
 from __future__ import annotations
@@ -18,19 +24,24 @@ from ..io import load_tensors, read_json, save_tensors, write_json
 from ..models.lifted import Layout
 
 STATS = ("loss", "log_joint")
+ESTIMATORS = ("draws", "rao-blackwell")
+MOMENT = {"draws": "lambda", "rao-blackwell": "lambda_rb"}  # the moment that holds each estimator's λ̂
 
 
 class StreamingPosterior:
     """Running moments of λ (and optionally θ − θ̄) for all coordinates; traces of ``n_tracked`` of them."""
 
     def __init__(self, layout: Layout, *, chains: int = 1, n_tracked: int = 256, track_delta_moments: bool = False,
-                 seed: int = 0, device: str | torch.device = "cpu"):
-        self.layout, self.chains = layout, chains
+                 estimator: str = "draws", seed: int = 0, device: str | torch.device = "cpu"):
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"lambda_estimator: unknown value {estimator!r}; choose one of: {', '.join(ESTIMATORS)}")
+        self.layout, self.chains, self.estimator = layout, chains, estimator
         gen = torch.Generator().manual_seed(seed)
         k = min(n_tracked, layout.d)
         self.tracked_index = torch.randperm(layout.d, generator=gen)[:k].sort().values.to(device)
         self.counts = [0] * chains
-        moments = ("lambda", "delta") if track_delta_moments else ("lambda",)
+        moments = ("lambda",) + (("lambda_rb",) if estimator == "rao-blackwell" else ()) \
+            + (("delta",) if track_delta_moments else ())
         self.mean = {m: torch.zeros(chains, layout.d, device=device) for m in moments}
         self.m2 = {m: torch.zeros(chains, layout.d, device=device) for m in moments}
         self.traces: list[dict[str, list[torch.Tensor]]] = [
@@ -42,11 +53,20 @@ class StreamingPosterior:
     def d(self) -> int:
         return self.layout.d
 
+    @property
+    def estimate(self) -> str:
+        """The name of the moment that holds λ̂ (see ``estimator``)."""
+        return MOMENT[self.estimator]
+
     @torch.no_grad()
-    def update(self, chain: int, lam: torch.Tensor, delta: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
-        """Add one sample of chain ``chain`` to the moments and traces: λ and θ − θ̄ (flat, length d), statistics."""
+    def update(self, chain: int, lam: torch.Tensor, delta: torch.Tensor, stats: dict[str, torch.Tensor],
+               lam_rb: torch.Tensor | None = None) -> None:
+        """Add one sample of chain ``chain`` to the moments and traces: λ and θ − θ̄ (flat, length d), statistics,
+        and (``rao-blackwell``) E[λ | θ] of this sample."""
+        if "lambda_rb" in self.mean and lam_rb is None:
+            raise ValueError("posterior: the rao-blackwell estimator needs E[λ | θ] of every sample (lam_rb)")
         n = self.counts[chain] + 1
-        for m, x in (("lambda", lam), ("delta", delta)):
+        for m, x in (("lambda", lam), ("lambda_rb", lam_rb), ("delta", delta)):
             if m in self.mean:
                 mean, m2 = self.mean[m][chain], self.m2[m][chain]
                 step = x - mean
@@ -93,8 +113,8 @@ class StreamingPosterior:
 
     @property
     def lambda_mean(self) -> torch.Tensor:
-        """λ̂: the posterior mean of λ for every covered coordinate (pooled over chains)."""
-        return self.pooled("lambda")[0]
+        """λ̂: the posterior mean of λ for every covered coordinate (pooled over chains), by ``estimator``."""
+        return self.pooled(self.estimate)[0]
 
     def trace(self, name: str) -> torch.Tensor:
         """Traces as a (chain, draw, …) tensor, cut to the shortest chain."""
@@ -110,13 +130,17 @@ class StreamingPosterior:
         save_tensors(Path(run_dir) / "posterior.safetensors", tensors)
         write_json(Path(run_dir) / "posterior.json",
                    {"chains": self.chains, "counts": self.counts, "d": self.d, "layout": self.layout.to_json(),
-                    **(extra or {})})
+                    "estimator": self.estimator, **(extra or {})})
 
     @classmethod
     def concatenate(cls, parts: list["StreamingPosterior"]) -> "StreamingPosterior":
         """One posterior whose chains are those of ``parts`` (same layout and tracked set), in order."""
         post = cls.__new__(cls)
+        estimators = {p.estimator for p in parts}
+        if len(estimators) > 1:
+            raise ValueError(f"runs: the chains use different λ estimators ({', '.join(sorted(estimators))})")
         post.layout, post.tracked_index, post.meta = parts[0].layout, parts[0].tracked_index, {}
+        post.estimator = parts[0].estimator
         post.chains = sum(p.chains for p in parts)
         post.counts = [n for p in parts for n in p.counts]
         post.mean = {m: torch.cat([p.mean[m] for p in parts]) for m in parts[0].mean if all(m in p.mean for p in parts)}
@@ -130,6 +154,7 @@ class StreamingPosterior:
         tensors = load_tensors(Path(run_dir) / "posterior.safetensors", device)
         post = cls.__new__(cls)
         post.layout, post.chains, post.counts = Layout.from_json(meta["layout"]), meta["chains"], meta["counts"]
+        post.estimator = meta.get("estimator", "draws")  # runs written before the estimator was recorded
         post.tracked_index = tensors["tracked_index"]
         moments = [k[: -len("_mean")] for k in tensors if k.endswith("_mean")]
         post.mean = {m: tensors[f"{m}_mean"] for m in moments}

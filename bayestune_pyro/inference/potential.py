@@ -9,6 +9,10 @@ Pyro's AutoDelta finds (used with γ = 0; sampling needs the Jacobian).
 
 Two ways to the same gradient: ``exact`` differentiates the whole Pyro trace; ``fast`` differentiates only the
 observation site of the trace and adds the model's closed-form prior gradient (agreement is tested).
+
+``lambda_space="linear"`` is the original code's parameterisation (fast path only): z_λ = λ itself, read as
+max(λ, 10⁻⁸), with no Jacobian; ``clip_likelihood`` clips the likelihood gradient of the network (θ and head) to
+that total norm before the prior is added, as the original code's ``clip_grad_norm_`` did.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from pyro import poutine
 from pyro.distributions import constraints
 from pyro.distributions.transforms import biject_to
 
-from ..models.gamma_laplace import GammaLaplaceModel
+from ..models.gamma_laplace import LAMBDA_FLOOR, LAMBDA_SPACES, GammaLaplaceModel
 
 LATENT_SITES = ("theta", "lambda")
 
@@ -32,14 +36,21 @@ class Potential:
     flat buffers, so a step allocates nothing of size d. Exact mode keeps z as autograd leaves (for tests).
     """
 
-    def __init__(self, model: GammaLaplaceModel, fast: bool = True, jacobian: bool = True):
-        self.model, self.fast, self.jacobian = model, fast, jacobian
+    def __init__(self, model: GammaLaplaceModel, fast: bool = True, jacobian: bool = True,
+                 lambda_space: str = "log", clip_likelihood: float | None = None):
+        if lambda_space not in LAMBDA_SPACES:
+            raise ValueError(f"lambda_space: unknown value {lambda_space!r}; choose one of: {', '.join(LAMBDA_SPACES)}")
+        if not fast and (lambda_space != "log" or clip_likelihood is not None):
+            raise ValueError("potential: the exact path supports lambda_space='log' without clip_likelihood only")
+        self.model, self.fast, self.jacobian = model, fast, jacobian and lambda_space == "log"
+        self.lambda_space, self.clip_likelihood = lambda_space, clip_likelihood
         self.transforms = {"theta": biject_to(constraints.real), "lambda": biject_to(constraints.positive)}
 
     def init(self, lam0: float) -> dict[str, torch.Tensor]:
-        """Unconstrained start z: θ = θ̄ and log λ = log λ₀ everywhere."""
+        """Start z: θ = θ̄ and z_λ = log λ₀ (or λ₀ in linear space) everywhere."""
         theta_bar = self.model.lifted.theta_bar
-        z = {"theta": theta_bar.clone(), "lambda": torch.full_like(theta_bar, math.log(lam0))}
+        z_lambda = math.log(lam0) if self.lambda_space == "log" else lam0
+        z = {"theta": theta_bar.clone(), "lambda": torch.full_like(theta_bar, z_lambda)}
         if not self.fast:
             return {k: v.requires_grad_(True) for k, v in z.items()}
         self.grads = {k: torch.zeros_like(v) for k, v in z.items()}
@@ -47,6 +58,13 @@ class Potential:
         self.placeholder = theta_bar.new_ones(()).expand_as(theta_bar)
         self.model.lifted.bind(z["theta"], self.grads["theta"])
         return z
+
+    @torch.no_grad()
+    def lam(self, z: dict[str, torch.Tensor]) -> torch.Tensor:
+        """λ of the state z (a new tensor)."""
+        if self.lambda_space == "log":
+            return z["lambda"].exp()
+        return z["lambda"].clamp(min=LAMBDA_FLOOR)
 
     def release(self) -> None:
         """Give the network back its pretrained θ̄ (undo the binding of fast mode)."""
@@ -97,13 +115,15 @@ class Potential:
         # only the observation site's density is evaluated here, so λ's value is irrelevant: a free placeholder
         nll = self._nll(self._trace({"theta": z["theta"], "lambda": self.placeholder}, batch))
         nll.backward()
+        if self.clip_likelihood is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.lifted.model.parameters(), self.clip_likelihood)
         if not with_prior:
             return nll.detach(), {"theta": grads["theta"]}
         self.model.prior_grad_(z["theta"], z["lambda"], grads["theta"], grads["lambda"], 1.0 / self.model.n_hat,
-                               self.work, self.jacobian)
+                               self.work, self.jacobian, self.lambda_space)
         return nll.detach(), grads
 
     @torch.no_grad()
     def log_joint(self, z: dict[str, torch.Tensor], nll: torch.Tensor) -> torch.Tensor:
         """log p(θ, λ, B) on the N̂ scale (log-λ Jacobian included), given the minibatch mean NLL."""
-        return -self.model.n_hat * nll + self.model.log_prior(z["theta"], z["lambda"])
+        return -self.model.n_hat * nll + self.model.log_prior(z["theta"], self.lam(z).log_())

@@ -4,6 +4,11 @@
 - burn-in   SGLD on (θ, log λ) with the prior, nothing collected;
 - sampling  SGLD, every ``thin``-th state collected into the :class:`StreamingPosterior`.
 
+With ``gibbs``, burn-in and sampling alternate an SGLD step on θ with an exact draw of λ from its full conditional
+λ | θ ~ GIG (:class:`LambdaConditional`), instead of a Langevin step on log λ. The kernel's preconditioner is
+frozen at the first sampling step if its config says so. With the ``rao-blackwell`` estimator each collected
+state also adds E[λ | θ] to the posterior.
+
 The head is a point estimate trained by Adam throughout. Losses are checked for NaN/inf without host syncs:
 a device flag is read only at the logging interval, and the run stops with the step range and the last
 checkpoint named. Checkpoints are atomic, so an interrupted run resumes where it stopped.
@@ -20,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..io import read_json, save_torch, write_json
+from ..models.lambda_conditional import LambdaConditional
 from .posterior import StreamingPosterior
 from .potential import Potential
 from .sgld import SGLD, SGLDConfig
@@ -93,13 +99,18 @@ class StepSizes:
 def run_stage1(potential: Potential, batches: Iterator[dict], schedule: Schedule, kernel: SGLDConfig,
                sizes: StepSizes, posterior: StreamingPosterior, *, chain: int = 0, seed: int = 0,
                checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 200,
-               log_every: int = 20, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Run one chain; returns the final unconstrained state ``{"theta", "lambda"}`` (log λ)."""
-    lifted = potential.model.lifted
+               log_every: int = 20, progress: bool = True, gibbs: bool = False) -> dict[str, torch.Tensor]:
+    """Run one chain; returns the final state ``{"theta", "lambda"}`` (z_λ: log λ, or λ in linear space)."""
+    if gibbs and potential.lambda_space != "log":
+        raise ValueError("gibbs: the Gibbs step for λ needs lambda_space='log'")
+    model = potential.model
+    lifted = model.lifted
     device = lifted.theta_bar.device
     z = potential.init(sizes.lambda_init)
     generator = torch.Generator(device=device).manual_seed(seed)
     sgld = SGLD(kernel, z, generator)
+    conditional = (LambdaConditional(model.alpha, model.beta, device=device, dtype=z["theta"].dtype)
+                   if gibbs or posterior.estimator == "rao-blackwell" else None)
     head = lifted.head_parameters()
     head_opt = torch.optim.Adam(head, lr=sizes.head)
     lrs = {"theta": sizes.theta, "lambda": sizes.log_lambda}
@@ -119,16 +130,25 @@ def run_stage1(potential: Potential, batches: Iterator[dict], schedule: Schedule
         for step in bar:
             phase = schedule.phase(step)
             batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            if kernel.freeze_preconditioner and step == schedule.warmup + schedule.burnin:
+                sgld.freeze()
             nll, grads = potential.gradient(z, batch, with_prior=phase != "warmup")
-            sgld.step(z, grads, lrs, noise=phase != "warmup")
+            if gibbs and phase != "warmup":
+                sgld.step(z, {"theta": grads["theta"]}, lrs, noise=True)
+                with torch.no_grad():
+                    abs_delta = torch.sub(z["theta"], lifted.theta_bar, out=grads["lambda"]).abs_()
+                    conditional.sample(abs_delta, generator, out=z["lambda"]).log_()
+            else:
+                sgld.step(z, grads, lrs, noise=phase != "warmup")
             head_opt.step()
             head_opt.zero_grad(set_to_none=True)
             bad |= ~torch.isfinite(nll)
             if schedule.collects(step):
                 with torch.no_grad():
-                    lam = z["lambda"].exp()
-                    posterior.update(chain, lam, z["theta"] - lifted.theta_bar,
-                                     {"loss": nll, "log_joint": potential.log_joint(z, nll)})
+                    delta = z["theta"] - lifted.theta_bar
+                    lam_rb = conditional.mean(delta.abs()) if posterior.estimator == "rao-blackwell" else None
+                    posterior.update(chain, potential.lam(z), delta,
+                                     {"loss": nll, "log_joint": potential.log_joint(z, nll)}, lam_rb)
             last = step == schedule.steps - 1
             if step % log_every == 0 or last:
                 if bad.item():

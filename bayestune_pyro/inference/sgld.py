@@ -7,6 +7,9 @@ negative log prior. With the paper's step η = 2·lr/N̂, eq. 5  z ← z + (η/2
     rmsprop  v ← ρ·v + (1−ρ)·ĝ²,  G = 1/(√(v/(1−ρᵗ)) + ε),  z ← z − lr·G·ĝ + γ·√(2·lr·G/N̂)·ξ     (pSGLD, no Γ term)
     adam     g̃ = ĝ + γ·√(2/(lr·N̂))·ξ, then an Adam step on g̃   (the original code; *not* a valid sampler)
 
+After :meth:`SGLD.freeze` (the runner calls it when sampling starts, if ``freeze_preconditioner``) G stops
+adapting: the kernel is then exact SGLD with a constant preconditioner, and no Γ term is dropped.
+
 ξ ~ N(0, I); γ is the noise discount (temperature T = γ²; γ = 0 is MAP/optimisation). Each site has its own lr
 (θ: 1e-4, log λ: 1e-2 by default). Work per step is a fixed number of whole-tensor kernels per site: no Python
 loops over coordinates and no host syncs.
@@ -30,8 +33,9 @@ class SGLDConfig:
     preconditioner: str = "rmsprop"
     rho: float = 0.9999  # slow preconditioner: G ~ constant over ~10⁴ steps, so dropping Γ costs < 3 MCSE on the toy
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    eps: float = 1e-8  # G ≤ 1/ε; the pipeline sets 1/(λ₀·N̂), the prior's gradient scale (see RunConfig.precond_eps)
     clip_norm: float | None = None
+    freeze_preconditioner: bool = True  # rmsprop: G fixed from the first sampling step (exact SGLD with constant G)
 
     def __post_init__(self):
         if self.preconditioner not in PRECONDITIONERS:
@@ -57,9 +61,17 @@ class SGLD:
         moments = {"none": (), "rmsprop": ("v",), "adam": ("m", "v")}[config.preconditioner]
         self.state = {k: {m: torch.zeros_like(z, requires_grad=False) for m in moments} for k, z in sites.items()}
         self.steps = {k: 0 for k in sites}  # per site: log λ is frozen during warm-up
+        self.frozen_at: dict[str, int] = {}  # per site: the step whose G is kept (see :meth:`freeze`)
         largest = max(sites.values(), key=torch.Tensor.numel)
         self._noise = torch.empty(largest.numel(), dtype=largest.dtype, device=largest.device)
         self._scratch = torch.empty_like(self._noise)
+
+    def freeze(self) -> None:
+        """Stop adapting the rmsprop preconditioner: later steps use the G of the steps taken so far.
+
+        A site that has not stepped yet has no G to keep, so it goes on adapting.
+        """
+        self.frozen_at = {k: t for k, t in self.steps.items() if t > 0}
 
     @torch.no_grad()
     def step(self, sites: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], lrs: dict[str, float],
@@ -78,16 +90,19 @@ class SGLD:
             z = sites[k]
             xi = self._noise[: z.numel()].view_as(z).normal_(generator=self.generator) if gamma > 0 else None
             work = self._scratch[: z.numel()].view_as(z)
-            self._update(z, g, self.state[k], lrs[k], gamma, self.steps[k], xi, work)
+            self._update(z, g, self.state[k], lrs[k], gamma, self.steps[k], xi, work, self.frozen_at.get(k))
 
-    def _update(self, z, g, s, lr: float, gamma: float, t: int, xi, work) -> None:
+    def _update(self, z, g, s, lr: float, gamma: float, t: int, xi, work, frozen_at: int | None) -> None:
         cfg = self.config
         if cfg.preconditioner == "none":
             z.sub_(g, alpha=lr)
             if xi is not None:
                 z.add_(xi, alpha=gamma * math.sqrt(2.0 * lr / cfg.n_hat))
         elif cfg.preconditioner == "rmsprop":
-            s["v"].mul_(cfg.rho).addcmul_(g, g, value=1.0 - cfg.rho)
+            if frozen_at is None:
+                s["v"].mul_(cfg.rho).addcmul_(g, g, value=1.0 - cfg.rho)
+            else:
+                t = frozen_at
             # G = 1/(√(v/c) + ε) = √c / (√v + ε√c): the bias correction c = 1 − ρᵗ folds into the scalars
             root_c = math.sqrt(1.0 - cfg.rho**t)
             precond = torch.sqrt(s["v"], out=work).add_(cfg.eps * root_c).reciprocal_()  # G / √c
@@ -105,10 +120,12 @@ class SGLD:
             z.addcdiv_(s["m"], denom, value=-lr * root_c2 / (1.0 - b1**t))
 
     def state_dict(self) -> dict:
-        return {"steps": dict(self.steps), "state": self.state, "generator": self.generator.get_state()}
+        return {"steps": dict(self.steps), "frozen_at": dict(self.frozen_at), "state": self.state,
+                "generator": self.generator.get_state()}
 
     def load_state_dict(self, sd: dict) -> None:
         self.steps = dict(sd["steps"])
+        self.frozen_at = dict(sd.get("frozen_at", {}))
         for k, buffers in sd["state"].items():
             for name, t in buffers.items():
                 self.state[k][name].copy_(t)

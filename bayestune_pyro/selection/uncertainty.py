@@ -99,7 +99,7 @@ def select(posterior: StreamingPosterior, p: float | None = None, threshold: flo
                          f"(p={p!r}, threshold={threshold!r})")
     if not auto and (p is None) == (threshold is None):
         raise ValueError(f"p: give exactly one of p and threshold (p={p!r}, threshold={threshold!r})")
-    mean, var = posterior.pooled("lambda")
+    mean, var = posterior.pooled(posterior.estimate)
     scores = score(mean, var, rank, z)
     info = {"selection": "knee" if auto else "p" if p is not None else "threshold", "rank": rank}
     if rank == "lcb":
