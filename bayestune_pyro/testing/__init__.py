@@ -1,0 +1,1 @@
+"""Posteriors with exact answers, to check the samplers against (used by benchmarks/ and tests/)."""
