@@ -219,3 +219,22 @@ def test_a_nan_score_is_a_failed_cell_not_averaged_in(tmp_path):
     assert rows["random − bayestune"] == f"| random − bayestune | {entry} | {entry} |"
     assert "- rte / random / seed 2 / p 0.005: non-finite score nan" in text.split("## Failed cells")[1]
     assert "nan" not in text.split("## Failed cells")[0].lower()
+
+
+def test_a_per_method_grid_is_chosen_on_validation_and_recorded(tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = ["bench", "--tasks", "bbc-news", "--methods", "bayestune,random", "--seeds", "1", "--out", str(out),
+            "--shots-per-class", "4", "--validation-fraction", "0.3", "--per-method", "bayestune.n_hat=1e6,1e9", *TINY]
+    assert main(args) == 0
+    records = {r["method"]: r for r in read_records(out / "cells.jsonl")}
+    grid = records["bayestune"]["grid"]
+    assert [p["n_hat"] for p in grid] == [1e6, 1e9]
+    best = max(grid, key=lambda p: p["validation_score"])
+    assert records["bayestune"]["chosen"]["n_hat"] == best["n_hat"]
+    assert records["bayestune"]["validation_score"] == best["validation_score"]
+    assert "grid" not in records["random"]
+    assert yaml.safe_load((out / "bench.yaml").read_text())["per_method"] == {"bayestune": {"n_hat": [1e6, 1e9]}}
+    assert not list(out.glob("cells/**/posterior.safetensors"))  # heavy files of every grid point are gone
+    capsys.readouterr()
+    assert main([*args[:-len(TINY)], "--per-method", "bayestune.n_hat=1e7", *TINY]) == 2
+    assert "per_method=" in capsys.readouterr().err

@@ -175,8 +175,9 @@ def run_bench(base: RunConfig, tasks: list[str], methods: list[str], budgets: li
                           test=metrics["test"], validation_score=metrics.get("validation_score"),
                           n_updated=metrics["n_updated"], budget=metrics["budget"], n_total=metrics["n_total"],
                           seconds=time.perf_counter() - start, peak_mb=mem.growth / 2**20)
-            if "n_changed" in metrics:
-                record["n_changed"] = metrics["n_changed"]
+            for key in ("n_changed", "chosen", "grid"):  # grid: every point's validation score, and the winner
+                if key in metrics:
+                    record[key] = metrics[key]
         for name in HEAVY:  # also in the points of a grid (RUN/grid/*/)
             for path in directory.rglob(name):
                 path.unlink()
