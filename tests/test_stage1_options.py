@@ -203,3 +203,20 @@ def test_a_coordinate_without_data_moves_on_the_prior_scale(tmp_path):
     assert no_data_drift(None) < 20 * RunConfig.lambda_init
     assert no_data_drift(1e-8) > 0.01
 
+
+
+def test_diagnostics_judge_the_draws_that_lambda_hat_averages(tmp_path):
+    from bayestune_pyro.diagnostics.convergence import assess
+    from bayestune_pyro.diagnostics.inference_data import to_inference_data
+
+    config = RunConfig(**TINY).validate()
+    run(config, tmp_path / "rb", progress=False)
+    post = StreamingPosterior.load(tmp_path / "rb")
+    idata = to_inference_data(post, config)
+    rb = LambdaConditional(config.alpha, config.beta, dtype=torch.float64).mean(post.trace("delta").double().abs())
+    assert torch.allclose(torch.from_numpy(idata.posterior["lambda_rb"].values), rb)
+    # the RB draws average to the posterior's λ̂ of the tracked coordinates
+    assert torch.allclose(rb.mean((0, 1)), post.lambda_mean[post.tracked_index].double(), rtol=1e-3)
+    convergence = assess(idata)
+    assert convergence.variable == "lambda_rb"
+    assert all(label in idata.posterior.coords["coordinate"].values for label in convergence.worst(3))

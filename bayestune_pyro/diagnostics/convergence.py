@@ -1,8 +1,9 @@
 """Can the run be trusted? Convergence of the tracked coordinates, posterior variance of all of them, chain agreement.
 
 - Tracked coordinates (λ and θ − θ̄): ArviZ's rank-normalised split R-hat, bulk and tail ESS and MCSE
-  (Vehtari et al. 2021). The checks are on λ, which alone decides the mask: R-hat ≤ 1.01 and ESS ≥ 100 on at
-  least 95% of the tracked λ (the K coordinates are a random sample, and a few cross a threshold by chance).
+  (Vehtari et al. 2021). The checks are on the draws λ̂ averages, which alone decide the mask: the λ draws, or
+  E[λ | θ] with the Rao-Blackwellised estimator. R-hat ≤ 1.01 and ESS ≥ 100 on at least 95% of the tracked
+  coordinates (the K coordinates are a random sample, and a few cross a threshold by chance).
 - All d coordinates: the pooled streaming variance of λ summarised per parameter tensor.
 - Chain agreement: the Jaccard overlap of the top-p sets that each chain's own λ̂ would pick.
 """
@@ -20,13 +21,13 @@ import xarray as xr
 
 from ..inference.posterior import StreamingPosterior
 from ..selection.masks import Mask, top_p
+from .inference_data import lambda_variable
 from .modules import MODULE_TYPES, OTHER, layer_index, module_type
 
 RHAT_MAX = 1.01
 ESS_MIN = 100
 DRAWS_MIN = 100
 PASS_SHARE = 0.95
-VARIABLES = ("lambda", "delta")
 
 
 @contextmanager
@@ -43,7 +44,10 @@ def quiet_arviz():
 
 @dataclass
 class Convergence:
-    """``az.summary`` of the tracked λ and θ − θ̄, shares that pass each check, warnings and a one-line verdict."""
+    """``az.summary`` of the tracked λ and θ − θ̄, shares that pass each check, warnings and a one-line verdict.
+
+    ``variable`` is the one the checks judge: ``lambda`` or ``lambda_rb`` (see :func:`lambda_variable`).
+    """
 
     summary: pd.DataFrame
     chains: int
@@ -52,6 +56,7 @@ class Convergence:
     warnings: list[str]
     status: str  # "ok", "caution" or "fail"
     verdict: str
+    variable: str = "lambda"
 
     def overview(self) -> pd.DataFrame:
         """One row per variable: R-hat and ESS medians and extremes, the share passing, median MCSE/sd."""
@@ -67,22 +72,23 @@ class Convergence:
 
     def worst(self, n: int = 4) -> list[str]:
         """Labels of the n tracked coordinates whose λ mixes worst: highest R-hat, or lowest bulk ESS (1 chain)."""
-        lam = lambda_rows(self.summary)
+        lam = variable_rows(self.summary, self.variable)
         badness = lam["r_hat"] if self.chains > 1 else -lam["ess_bulk"]
-        return [label[len("lambda["):-1] for label in badness.sort_values(ascending=False).index[:n]]
+        return [label[len(self.variable) + 1:-1] for label in badness.sort_values(ascending=False).index[:n]]
 
 
-def lambda_rows(summary: pd.DataFrame) -> pd.DataFrame:
-    """The rows of an ``az.summary`` that describe λ (the index reads ``lambda[<coordinate>]``)."""
-    return summary[summary.index.str.startswith("lambda[")]
+def variable_rows(summary: pd.DataFrame, variable: str) -> pd.DataFrame:
+    """The rows of an ``az.summary`` that describe ``variable`` (the index reads ``<variable>[<coordinate>]``)."""
+    return summary[summary.index.str.startswith(variable + "[")]
 
 
 def assess(idata: az.InferenceData) -> Convergence:
     """Summarise the tracked coordinates and say, in actionable terms, what is wrong with the run if anything."""
     chains, draws = idata.posterior.sizes["chain"], idata.posterior.sizes["draw"]
+    variable = lambda_variable(idata)
     with quiet_arviz():
-        summary = az.summary(idata, var_names=list(VARIABLES), round_to="none")
-    lam = lambda_rows(summary)
+        summary = az.summary(idata, var_names=list(dict.fromkeys(["lambda", variable, "delta"])), round_to="none")
+    lam = variable_rows(summary, variable)
     shares = {"r_hat": float((lam["r_hat"] <= RHAT_MAX).mean()) if chains > 1 else float("nan"),
               "ess_bulk": float((lam["ess_bulk"] >= ESS_MIN).mean()),
               "ess_tail": float((lam["ess_tail"] >= ESS_MIN).mean())}
@@ -107,7 +113,7 @@ def assess(idata: az.InferenceData) -> Convergence:
         warnings.append(f"tail ESS < {ESS_MIN} on {1 - shares['ess_tail']:.0%} of the tracked λ: "
                         "credible bounds (--rank lcb) and inclusion probabilities are unreliable; collect more draws")
     status, verdict = _verdict(chains, draws, shares)
-    return Convergence(summary, chains, draws, shares, warnings, status, verdict)
+    return Convergence(summary, chains, draws, shares, warnings, status, verdict, variable)
 
 
 def _verdict(chains: int, draws: int, shares: dict[str, float]) -> tuple[str, str]:

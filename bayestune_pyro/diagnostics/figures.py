@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 
 from ..selection.uncertainty import Curve, Knee
 from .convergence import ESS_MIN, RHAT_MAX, by_module, quiet_arviz
+from .inference_data import lambda_variable
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -56,8 +57,10 @@ def lambda_curve(curve: Curve, p: float | None = None, threshold: float | None =
 
 
 def trace_plot(idata: az.InferenceData, coordinates: list[str]) -> Figure:
-    """Trace plots (density and draws per chain) of log λ at ``coordinates`` and of the per-draw loss."""
-    data = xr.merge([idata.posterior[["log_lambda"]].sel(coordinate=coordinates), idata.sample_stats[["loss"]]])
+    """Trace plots (density and draws per chain) of log λ (or log E[λ | θ], whichever λ̂ averages) at
+    ``coordinates`` and of the per-draw loss."""
+    name = "log_" + lambda_variable(idata)
+    data = xr.merge([idata.posterior[[name]].sel(coordinate=coordinates), idata.sample_stats[["loss"]]])
     fig = new_figure(11, 1.9 * (len(coordinates) + 1))
     axes = np.array(fig.subplots(len(coordinates) + 1, 2)).reshape(-1, 2)
     with quiet_arviz():
@@ -66,21 +69,24 @@ def trace_plot(idata: az.InferenceData, coordinates: list[str]) -> Figure:
         ax.title.set_fontsize(8)
     axes[-1, 0].set_xlabel("value")
     axes[-1, 1].set_xlabel("draw")
-    fig.suptitle("Traces: log λ at the worst-mixing tracked coordinates, and the minibatch loss (one colour per chain)")
+    what = "log E[λ | θ]" if name == "log_lambda_rb" else "log λ"
+    fig.suptitle(f"Traces: {what} at the worst-mixing tracked coordinates, and the minibatch loss (one colour per "
+                 "chain)")
     return fig
 
 
 def rank_plot(idata: az.InferenceData, coordinates: list[str]) -> Figure:
-    """Rank plots of log λ at ``coordinates``: near-uniform histograms for every chain mean the chains agree."""
+    """Rank plots of log λ (or log E[λ | θ]) at ``coordinates``: near-uniform histograms for every chain mean the
+    chains agree."""
     fig = new_figure(11, 2.6)
     axes = np.array(fig.subplots(1, len(coordinates))).reshape(-1)
     with quiet_arviz():
-        az.plot_rank(idata, var_names=["log_lambda"], coords={"coordinate": coordinates}, ax=axes)
+        az.plot_rank(idata, var_names=["log_" + lambda_variable(idata)], coords={"coordinate": coordinates}, ax=axes)
     for ax in axes:
         ax.title.set_fontsize(7)
         ax.xaxis.label.set_fontsize(9)
         ax.yaxis.label.set_fontsize(9)
-    fig.suptitle("Rank plots of log λ (uniform bars in every chain = good mixing)")
+    fig.suptitle("Rank plots of the draws λ̂ averages (uniform bars in every chain = good mixing)")
     return fig
 
 

@@ -1,11 +1,13 @@
 """The run's posterior as ``arviz.InferenceData``, saved as ``trace.nc`` (``az.from_netcdf`` reads it back).
 
 - ``posterior``: ``lambda`` (λ), ``log_lambda`` and ``delta`` (θ − θ̄) of the K tracked coordinates, dims
-  (chain, draw, coordinate); a coordinate is labelled ``<parameter tensor>[<flat index within it>]`` and
+  (chain, draw, coordinate), and, with the Rao-Blackwellised estimator, ``lambda_rb`` = E[λ | θ] of each draw
+  (the quantity λ̂ averages) and ``log_lambda_rb``; a coordinate is labelled ``<parameter tensor>[<flat index within it>]`` and
   carries ``flat_index``, its index into θ.
 - ``sample_stats``: ``log_joint`` (log p(θ, λ, B) on the N̂ scale), ``potential`` (−log_joint), ``loss`` (the
   minibatch mean NLL), ``step_size`` (lr) and ``temperature`` (γ²; 0 for MAP, NaN for VI).
-- ``attrs``: the run configuration and the posterior's d and draw counts, as netCDF-safe strings and numbers.
+- ``attrs``: the run configuration, the λ̂ estimator and the posterior's d and draw counts, as netCDF-safe
+  strings and numbers.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 from ..config import RunConfig
 from ..inference.posterior import StreamingPosterior
 from ..io import atomic_path
+from ..models.lambda_conditional import LambdaConditional
 from ..models.lifted import Layout
 
 TRACE_FILE = "trace.nc"
@@ -42,6 +45,11 @@ def temperature(config: RunConfig) -> float:
     return {"sgld": config.gamma ** 2, "map": 0.0}.get(config.inference, float("nan"))
 
 
+def lambda_variable(idata: az.InferenceData) -> str:
+    """The posterior variable whose draws λ̂ averages: ``lambda_rb`` (E[λ | θ]) or ``lambda`` (the λ draws)."""
+    return "lambda_rb" if "lambda_rb" in idata.posterior else "lambda"
+
+
 def to_inference_data(posterior: StreamingPosterior, config: RunConfig) -> az.InferenceData:
     """The tracked traces and per-draw statistics of ``posterior`` (every chain, cut to the shortest)."""
     lam = posterior.trace("lambda").double().cpu().numpy()
@@ -49,17 +57,21 @@ def to_inference_data(posterior: StreamingPosterior, config: RunConfig) -> az.In
         raise ValueError("posterior: no draws were collected; the sampling phase must be at least `thin` steps")
     log_joint = posterior.trace("log_joint").double().cpu().numpy()
     index = posterior.tracked_index.cpu()
+    delta = posterior.trace("delta").double().cpu()
+    variables = {"lambda": lam, "log_lambda": np.log(lam), "delta": delta.numpy()}
+    if posterior.estimator == "rao-blackwell":
+        rb = LambdaConditional(config.alpha, config.beta, dtype=torch.float64).mean(delta.abs()).numpy()
+        variables.update(lambda_rb=rb, log_lambda_rb=np.log(rb))
     idata = az.from_dict(
-        posterior={"lambda": lam, "log_lambda": np.log(lam),
-                   "delta": posterior.trace("delta").double().cpu().numpy()},
+        posterior=variables,
         sample_stats={"log_joint": log_joint, "potential": -log_joint,
                       "loss": posterior.trace("loss").double().cpu().numpy(),
                       "step_size": np.full_like(log_joint, config.lr),
                       "temperature": np.full_like(log_joint, temperature(config))},
         coords={"coordinate": coordinate_labels(posterior.layout, index)},
-        dims={name: ["coordinate"] for name in ("lambda", "log_lambda", "delta")},
-        attrs=netcdf_attrs({**config.to_dict(), "chains": posterior.chains, "d": posterior.d,
-                            "counts": posterior.counts}),
+        dims={name: ["coordinate"] for name in variables},
+        attrs=netcdf_attrs({**config.to_dict(), "estimator": posterior.estimator, "chains": posterior.chains,
+                            "d": posterior.d, "counts": posterior.counts}),
     )
     idata.posterior.coords["flat_index"] = ("coordinate", index.numpy())
     return idata
