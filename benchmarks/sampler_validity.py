@@ -8,7 +8,7 @@ asserted check fails. Wall time on 2 idle CPU cores: about 4 min (--quick: about
 NUTS runs in a second process beside the SGLD chains. The separable toy took 12 min (--quick: 3.5–5.5 min) on 2
 cores shared with other jobs (load ~5). ``--only`` runs one toy, ``--seed`` seeds the separable toy's chains.
 
-The logistic toy (``bayestune_pyro/inference/toy.py``): d = 12 weights (3 nonzero), N = 200 points, N̂ = N,
+The logistic toy (``bayestune_pyro/testing/toy.py``): d = 12 weights (3 nonzero), N = 200 points, N̂ = N,
 γ = 1, α = 2, β = 20. SGLD goes through the product path; the reference is NUTS on the non-centred form.
 
 - nuts.divergences, nuts.rhat_max    the reference is trustworthy: no divergences, R-hat ≤ 1.01
@@ -74,7 +74,7 @@ from multiprocessing import get_context
 import numpy as np
 import torch
 
-from bayestune_pyro.inference import toy
+from bayestune_pyro.testing import toy
 from bayestune_pyro.testing import separable
 
 N = 200

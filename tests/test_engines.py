@@ -96,7 +96,7 @@ def test_bad_engine_is_named(tmp_path, capsys):
 def test_map_kernel_and_pyro_autodelta_reach_the_same_mode():
     """γ = 0 SGLD kernel (no Jacobian) and Pyro SVI with AutoDelta: the same MAP of a small logistic regression."""
     from bayestune_pyro.inference.sgld import SGLD, SGLDConfig
-    from bayestune_pyro.inference.toy import Logistic, logistic_data
+    from bayestune_pyro.testing.toy import Logistic, logistic_data
     from bayestune_pyro.inference.vi import elbo_step, make_guide
     from bayestune_pyro.models.backbones import Backbone
     from bayestune_pyro.models.gamma_laplace import GammaLaplaceModel

@@ -11,7 +11,7 @@ from multiprocessing import get_context
 import pytest
 import torch
 
-from bayestune_pyro.inference import toy
+from bayestune_pyro.testing import toy
 
 DATA = toy.logistic_data()
 PLAIN = dict(preconditioner="none", lrs={"theta": 0.025, "lambda": 0.5, "b": 0.04}, steps=4000, burnin=1500)

@@ -10,7 +10,7 @@ d independent coordinates; coordinate i has θ̄_i and n_i Gaussian data y_i1..y
   coordinate (Δ = θ − θ̄) by deterministic float64 quadrature, two independent ways (``method``):
   ``"bessel"`` integrates λ out in closed form (DESIGN.md's GIG conditional) and Δ adaptively (``scipy.quad``);
   ``"grid"`` integrates (log|Δ|, log λ) by composite Gauss–Legendre and never uses a Bessel function.
-- :func:`sgld_separable` samples the toy through the product path, like ``inference/toy.py``'s logistic toy;
+- :func:`sgld_separable` samples the toy through the product path, like ``testing/toy.py``'s logistic toy;
   :func:`agreement` scores its draws against the reference.
 
 The spike. The marginal prior of Δ is p(Δ) = β^α/Γ(α)·(|Δ|/β)^((α−1)/2)·K_{α−1}(2√(β|Δ|)) ≈ C·|Δ|^(α−1) as Δ → 0,
@@ -42,7 +42,7 @@ from torch import nn
 
 from ..inference.potential import Potential
 from ..inference.sgld import SGLD, SGLDConfig
-from ..inference.toy import summary
+from .toy import summary
 from ..models.backbones import Backbone
 from ..models.gamma_laplace import GammaLaplaceModel
 from ..models.lambda_conditional import LambdaConditional

@@ -26,8 +26,8 @@ from torch import nn
 from ..models.backbones import Backbone
 from ..models.gamma_laplace import GammaLaplaceModel
 from ..models.lifted import LiftedBackbone
-from .potential import Potential
-from .sgld import SGLD, SGLDConfig
+from ..inference.potential import Potential
+from ..inference.sgld import SGLD, SGLDConfig
 
 
 def logistic_data(n: int = 200, d: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
