@@ -1,5 +1,7 @@
 """Stage-1 options of the sampler: frozen preconditioner, linear λ (the paper's algorithm), Rao-Blackwellised λ̂,
 the Gibbs step for λ, and a γ/N̂/lr_λ grid chosen on the validation split."""
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -150,6 +152,8 @@ def test_grid_is_chosen_on_the_validation_split(tmp_path):
     assert torch.equal(Mask.load(tmp_path / "grid").index, Mask.load(chosen).index)
     assert (tmp_path / "grid" / "delta.safetensors").read_bytes() == (chosen / "delta.safetensors").read_bytes()
     assert metrics["seconds"]["grid"] > 0
+    from bayestune_pyro.diagnostics.report import diagnose
+    assert Path(diagnose(tmp_path / "grid")["report"]).is_file()  # diagnosed at the chosen point's settings
 
 
 @pytest.mark.parametrize("values, message", [

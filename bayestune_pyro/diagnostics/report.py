@@ -10,6 +10,7 @@ Mask stability is the mean Jaccard overlap of the chains' top-p sets: ≥ 0.8 ok
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import math
 import os
@@ -66,12 +67,17 @@ details summary{cursor:pointer;color:#1f5fa8}
 
 
 def load_run(run_dir: str | os.PathLike) -> tuple[StreamingPosterior, RunConfig]:
-    """The posterior and configuration of a run directory; a one-line ValueError if it is not one."""
+    """The posterior and configuration of a run directory; a one-line ValueError if it is not one.
+
+    For a grid run the configuration is the chosen point's (``metrics.json`` names it).
+    """
     run_dir = Path(run_dir)
     missing = [f for f in ("config.yaml", "posterior.json", "posterior.safetensors") if not (run_dir / f).is_file()]
     if missing:
         raise ValueError(f"run: {str(run_dir)!r} has no {missing[0]} (not a run directory with a stage-1 posterior)")
     config = RunConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+    if len(config.grid()) > 1:
+        config = dataclasses.replace(config, **read_json(run_dir / "metrics.json")["chosen"])
     return StreamingPosterior.load(run_dir), config
 
 
