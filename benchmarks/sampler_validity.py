@@ -222,9 +222,9 @@ def logistic_checks(report: Report, plan: dict) -> None:
     data = toy.logistic_data(n=N)
     with ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=torch.set_num_threads,
                              initargs=(1,)) as pool:
-        nuts = pool.submit(toy.nuts_logistic, data, alpha=2.0, beta=20.0, **plan["nuts"])
-        funnel_nuts = pool.submit(toy.nuts_logistic, data, alpha=0.01, beta=100.0, centred=True,
-                                  **plan["funnel_nuts"])
+        nuts = pool.submit(toy.nuts_logistic, toy.for_subprocess(data), alpha=2.0, beta=20.0, **plan["nuts"])
+        funnel_nuts = pool.submit(toy.nuts_logistic, toy.for_subprocess(data), alpha=0.01, beta=100.0,
+                                  centred=True, **plan["funnel_nuts"])
         gaussian_checks(report, plan["gaussian"])
         lrs = {"none": SGLD_LRS, "rmsprop": PSGLD_LRS}
         runs = {f"{'sgld' if kernel == 'none' else 'psgld'}.{mode}": sgld_run(

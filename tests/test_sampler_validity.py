@@ -38,7 +38,8 @@ def draws():
     """(NUTS draws, divergences) and SGLD draws per run; NUTS runs in a second process beside the SGLD chains."""
     with ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=torch.set_num_threads,
                              initargs=(1,)) as pool:
-        nuts = pool.submit(toy.nuts_logistic, DATA, alpha=2.0, beta=20.0, chains=2, warmup=300, samples=500)
+        nuts = pool.submit(toy.nuts_logistic, toy.for_subprocess(DATA), alpha=2.0, beta=20.0, chains=2, warmup=300,
+                           samples=500)
         sgld = {name: toy.sgld_logistic(DATA, alpha=2.0, beta=20.0, chains=128, thin=10, **run)
                 for name, run in RUNS.items()}
         return nuts.result(), sgld

@@ -40,6 +40,15 @@ def logistic_data(n: int = 200, d: int = 12, seed: int = 0) -> dict[str, torch.T
     return {"x": x, "labels": labels}
 
 
+def for_subprocess(data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies of ``data`` to hand to a process pool while this process goes on using ``data``.
+
+    A pool pickles its arguments in a feeder thread, and pickling a CPU tensor moves its storage into shared
+    memory: done on tensors the main thread is reading, that swap raced with the reads (garbage labels under load).
+    """
+    return {k: v.clone() for k, v in data.items()}
+
+
 class Logistic(nn.Module):
     """C independent logistic regressions, one per SGLD chain: logits stack([0, x·w_c + b_c]) of shape (C, n, 2)."""
 
