@@ -23,3 +23,12 @@ def text_batch(tiny_lifted):
 def tiny_model(tiny_lifted):
     tiny_lifted.model.eval()  # no dropout: deterministic densities
     return GammaLaplaceModel(tiny_lifted, alpha=0.5, beta=3.0, n_hat=500.0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: a second intra-op thread only adds contention (up to 20× slower steps on 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

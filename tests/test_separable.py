@@ -15,12 +15,7 @@ PRIORS = {"funnel": (0.01, 100.0), "benign": (2.0, 20.0)}
 MOMENTS = ("theta_mean", "theta_sd", "lambda_mean", "lambda_sd", "log_lambda_mean", "spike", "p_within")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
