@@ -126,4 +126,5 @@ class Potential:
     @torch.no_grad()
     def log_joint(self, z: dict[str, torch.Tensor], nll: torch.Tensor) -> torch.Tensor:
         """log p(θ, λ, B) on the N̂ scale (log-λ Jacobian included), given the minibatch mean NLL."""
-        return -self.model.n_hat * nll + self.model.log_prior(z["theta"], self.lam(z).log_())
+        log_lam = z["lambda"] if self.lambda_space == "log" else self.lam(z).log_()
+        return -self.model.n_hat * nll + self.model.log_prior(z["theta"], log_lam)
