@@ -256,4 +256,5 @@ def coerce(name: str, kind: str, value):
         return str(value)
     except (TypeError, ValueError):
         article = "an" if base[0] in "aeiou" else "a"
-        raise ValueError(f"{name}: expected {article} {base}, got {value!r}") from None
+        what = "a number or a comma-separated list of numbers" if "list[float]" in base else f"{article} {base}"
+        raise ValueError(f"{name}: expected {what}, got {value!r}") from None
