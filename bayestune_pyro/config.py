@@ -136,7 +136,7 @@ class RunConfig:
                 raise ValueError(f"gamma: must be >= 0 (0 is MAP), got {value!r}")
         if self.precond_eps is not None and not (self.precond_eps > 0 and math.isfinite(self.precond_eps)):
             raise ValueError(f"precond_eps: must be a positive number or unset, got {self.precond_eps!r}")
-        grid = [name for name in GRID_FIELDS if isinstance(getattr(self, name), list)]
+        grid = self.gridded()
         if grid and self.method not in POSTERIOR:
             raise ValueError(f"{grid[0]}: a list is a grid over stage-1 posteriors; method {self.method!r} has none")
         if grid and not self.validation_fraction > 0:
@@ -188,11 +188,14 @@ class RunConfig:
             points = [{**point, name: value} for point in points for value in _values(getattr(self, name))]
         return points
 
+    def gridded(self) -> list[str]:
+        """The ``GRID_FIELDS`` that hold a list."""
+        return [name for name in GRID_FIELDS if isinstance(getattr(self, name), list)]
+
     def single(self, stage: str) -> None:
         """Refuse a grid where one stage 1 is meant."""
-        for name in GRID_FIELDS:
-            if isinstance(getattr(self, name), list):
-                raise ValueError(f"{name}: {stage} runs one grid point; a list is run by `bayestune run`")
+        if self.gridded():
+            raise ValueError(f"{self.gridded()[0]}: {stage} runs one grid point; a list is run by `bayestune run`")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
