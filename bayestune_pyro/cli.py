@@ -22,21 +22,24 @@ import shutil
 import sys
 from pathlib import Path
 
-import yaml
-
-from .config import RunConfig
-from .methods import METHODS
+from .config import RunConfig, merge, option_fields, read_yaml_mapping
+from .registry import ENGINES, METHODS
 
 EXIT_ERROR = 2
 
 
 def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (),
                         defaults: dict | None = None) -> None:
-    group = parser.add_argument_group("run configuration (defaults in brackets)")
-    group.add_argument("--config", metavar="FILE", help="YAML file of options (keys as below, - or _)")
-    for f in dataclasses.fields(RunConfig):
-        if f.name in skip:
+    """Flags generated from the configuration's fields and the registered methods' and engines' options."""
+    parser.add_argument("--config", metavar="FILE", help="YAML file of options (flat or nested, keys with - or _)")
+    groups = {}
+    for name, (owner, f, _) in option_fields().items():
+        if name in skip:
             continue
+        if owner not in groups:
+            title = "run configuration" if owner == "run" else f"options of {owner} (and of any part with the same name)"
+            groups[owner] = parser.add_argument_group(title)
+        group = groups[owner]
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         default = (defaults or {}).get(f.name, default)
         flag = "--" + f.name.replace("_", "-")
@@ -45,9 +48,14 @@ def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] =
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=help_text)
             continue
+        choices = f.metadata.get("choices")
+        if f.name == "method":
+            choices = METHODS.names()
+        elif f.name == "inference":
+            choices = ENGINES.names()
         group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=help_text,
-                           nargs=f.metadata.get("nargs"), choices=f.metadata.get("choices"),
-                           metavar=f.name.upper() if "choices" not in f.metadata else None)
+                           nargs=f.metadata.get("nargs"), choices=choices,
+                           metavar=f.name.upper() if choices is None else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", required=True, help="comma-separated task names, e.g. cola,sst2,rte,stsb")
     p.add_argument("--data-root", metavar="DIR",
                    help="folder holding the tasks' distribution folders (e.g. glue/ with CoLA/, SST-2/, ...)")
-    p.add_argument("--methods", default="all", help="comma-separated methods, or all: " + ", ".join(METHODS))
+    p.add_argument("--methods", default="all", help="comma-separated methods, or all: " + ", ".join(METHODS.names()))
     p.add_argument("--p", default="0.005", help="comma-separated budgets: fractions of covered coordinates")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1")
     p.add_argument("--out", metavar="DIR", default="runs/bench", help="bench directory (resumed if it exists)")
@@ -112,20 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_config(args: argparse.Namespace, base: dict | None = None) -> RunConfig:
+def resolve_config(args: argparse.Namespace, base: dict | None = None, strict: bool = True) -> RunConfig:
+    """flags > --config file > ``base`` (a run's config.yaml, or the bench defaults) > defaults."""
     values = dict(base or {})
     if getattr(args, "config", None):
-        values.update(dataclasses.asdict(RunConfig.from_yaml(args.config)))
-    names = {f.name for f in dataclasses.fields(RunConfig)}
-    values.update({k: v for k, v in vars(args).items() if k in names})
-    return RunConfig.from_dict(values, source="option").validate()
+        values = merge(values, read_yaml_mapping(args.config))
+    flags = option_fields()
+    values = merge(values, {k: v for k, v in vars(args).items() if k in flags})
+    return RunConfig.from_dict(values, source="option", strict=strict)
 
 
 def _existing_config(run_dir: Path) -> dict:
+    """A run's config.yaml as this version writes it (files of earlier versions included)."""
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise ValueError(f"run: {str(run_dir)!r} has no config.yaml (not a run directory)")
-    return yaml.safe_load(path.read_text()) or {}
+    return RunConfig.from_yaml(path, strict=False).to_dict()
 
 
 def _prepare_out(config: RunConfig, out: Path, overwrite: bool) -> None:
@@ -133,11 +143,11 @@ def _prepare_out(config: RunConfig, out: Path, overwrite: bool) -> None:
     if overwrite and out.exists():
         shutil.rmtree(out)
     if (out / "config.yaml").is_file():
-        old = RunConfig.from_dict(_existing_config(out)).to_dict()
+        old = _existing_config(out)
         changed = [k for k, v in config.to_dict().items() if old.get(k) != v]
         if changed:
             k = changed[0]
-            raise ValueError(f"out: {str(out)!r} holds a run with {k}={old.get(k)!r} (now {getattr(config, k)!r}); "
+            raise ValueError(f"out: {str(out)!r} holds a run with {k}={old.get(k)!r} (now {config.to_dict()[k]!r}); "
                              "pass --overwrite or choose another --out")
     elif out.exists() and any(out.iterdir()):
         raise ValueError(f"out: {str(out)!r} exists and is not a run directory; choose another --out")
@@ -190,11 +200,11 @@ def _command(args: argparse.Namespace) -> dict | None:
 
 
 def _bench(args: argparse.Namespace) -> dict:
-    from .bench.harness import BENCH_DEFAULTS, parse_list, parse_overrides, run_bench
+    from .bench.harness import BENCH_DEFAULTS, bench_values, parse_list, parse_overrides, run_bench
     from .data import TASKS
 
     tasks = parse_list("tasks", args.tasks, tuple(TASKS))
-    methods = parse_list("methods", args.methods, METHODS)
+    methods = parse_list("methods", args.methods, METHODS.names())
     try:
         budgets = [float(v) for v in parse_list("p", args.p)]
     except ValueError:
@@ -208,7 +218,7 @@ def _bench(args: argparse.Namespace) -> dict:
         raise ValueError(f"data_root: {args.data_root!r} is not a directory")
     per_task = parse_overrides("per_task", args.per_task, tasks)
     per_method = parse_overrides("per_method", args.per_method, methods)
-    base = resolve_config(args, BENCH_DEFAULTS)
+    base = bench_values(args, BENCH_DEFAULTS)
     records = run_bench(base, tasks, methods, budgets, list(range(args.seeds)), args.data_root, args.out,
                         per_task=per_task, per_method=per_method)
     ok = sum(r.get("status") == "ok" for r in records)

@@ -1,263 +1,448 @@
-"""The run configuration: one typed, validated record, read from YAML and overridden by CLI flags.
+"""The run configuration, composed of parts that each validate themselves on construction.
 
-Every field carries its help text; ``cli.py`` builds its options from them, so ``--help``, ``config.yaml`` and
-this file never disagree. ``validate()`` raises a one-line ``ValueError`` naming the field, the value and what
-is allowed, before anything is written.
+- the common parts, fields of :class:`RunConfig`: data, backbone, search space, budget, stage-1 schedule, stage 2;
+- the method (``method``) and its own options, an :class:`Options` subclass declared in its module in
+  ``methods/``;
+- for methods with a stage 1 (the posterior methods), the engine (``inference``) and its own options, declared in
+  its module in ``engines/``.
+
+YAML nests the same way (``method: {name: sift, sift_batches: 1}``, ``engine: {name: sgld, gamma: 1.0}``). Flat
+keys and flags (``--sift-batches 1``, ``gamma: 1.0``) go to the part that owns them; a key that belongs to
+another method or engine is refused with a one-line error naming its owner (files this package wrote itself are
+read leniently: such keys are dropped). Values are converted to the field's declared type by pydantic, and
+every error is one line naming the field, the value and what is allowed.
+
+This module imports only the task table and the registries; it never imports what the parts run.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
+import pydantic
 import yaml
 
-from .data import TASKS
-from .inference.posterior import ESTIMATORS
-from .inference.runner import Schedule
-from .inference.sgld import PRECONDITIONERS
-from .finetune.lora import DEFAULT_TARGETS
-from .methods import METHODS, POSTERIOR
-
-ENGINES = ("sgld", "map", "vi", "map-svi")
-GRID_FIELDS = ("gamma", "n_hat", "lr_lambda")  # stage-1 options that take a list, chosen on validation
+from .data.tasks import TASKS
+from .registry import ENGINES, METHODS
 
 
-def _f(default, help: str, **kw):
-    meta = {"help": help, **kw}
-    if isinstance(default, list):
+def option(default, help: str, **meta):
+    """A configuration field with its help text (``--help``) and argparse hints (``nargs``, ``choices``)."""
+    meta = {"help": help, **meta}
+    if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def coerce(name: str, hint, value):
+    """``value`` (YAML or command line) as the declared type ``hint``, or a one-line error naming the field."""
+    if isinstance(value, str) and value.strip().lower() in ("none", "null"):
+        value = None
+    if isinstance(value, str) and "," in value and typing.get_origin(hint) in (typing.Union, type(int | str)):
+        value = [v.strip() for v in value.split(",")]  # a comma list for a field that takes one (a grid)
+    if isinstance(value, str) and typing.get_origin(hint) is list:
+        value = [value]
+    try:
+        result = pydantic.TypeAdapter(hint).validate_python(value)
+    except pydantic.ValidationError:
+        what = str(hint).replace("typing.", "").replace("NoneType", "None")
+        if "list[float]" in what and "float" in what:
+            what = "a number or a comma-separated list of numbers"
+        raise ValueError(f"{name}: expected {what}, got {value!r}") from None
+    return result[0] if isinstance(result, list) and len(result) == 1 and typing.get_origin(hint) is not list \
+        else result
+
+
+def fields_of(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def values_of(value) -> list:
+    """A grid field's values: the list, or the single value."""
+    return list(value) if isinstance(value, list) else [value]
+
+
+def check_positive(owner, *names: str) -> None:
+    """Every value of each named field (a list is a grid) is a finite number > 0."""
+    for name in names:
+        for value in values_of(getattr(owner, name)):
+            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name}: must be a positive number, got {value!r}")
+
+
+def check_at_least_one(owner, *names: str) -> None:
+    for name in names:
+        if getattr(owner, name) < 1:
+            raise ValueError(f"{name}: must be >= 1, got {getattr(owner, name)!r}")
+
+
+@dataclass
+class Options:
+    """Base of a method's or an engine's own options: typed fields made with :func:`option`.
+
+    Subclasses check their values in :meth:`check` (called on construction) and list in ``GRID`` the fields
+    that may hold a list of values, a grid chosen on validation (``pipeline.run_grid``).
+    """
+
+    GRID: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Raise a one-line ``ValueError`` for a bad value."""
+
+    @classmethod
+    def from_values(cls, values: dict, owner: str) -> "Options":
+        known, hints = fields_of(cls), _hints(cls)
+        for name in values:
+            if name not in known:
+                raise ValueError(f"{name}: not an option of {owner}; its options: {', '.join(known) or 'none'}")
+        return cls(**{k: coerce(k, hints[k], v) for k, v in values.items()})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Step counts of the three stage-1 phases; sampling is what warm-up and burn-in leave of ``steps``."""
+
+    steps: int
+    warmup: int
+    burnin: int
+    thin: int
+
+    def __post_init__(self):
+        for name in ("steps", "thin"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup", "burnin"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.sampling < self.thin:
+            raise ValueError(
+                f"burnin: warmup={self.warmup} + burnin={self.burnin} leaves {max(self.sampling, 0)} sampling steps "
+                f"of steps={self.steps}, fewer than thin={self.thin}; need warmup + burnin + thin <= steps"
+            )
+
+    @property
+    def sampling(self) -> int:
+        return self.steps - self.warmup - self.burnin
+
+    def phase(self, step: int) -> str:
+        if step < self.warmup:
+            return "warmup"
+        return "burnin" if step < self.warmup + self.burnin else "sampling"
+
+    def collects(self, step: int) -> bool:
+        s = step - self.warmup - self.burnin + 1
+        return s > 0 and s % self.thin == 0
+
+
 @dataclass
 class RunConfig:
-    # what to fine-tune, on what
-    task: str = _f("bbc-news", "task name (bbc-news is the offline default; GLUE/SuperGLUE need --data-dir offline)")
-    data_dir: str | None = _f(None, "directory with the task's distribution files (GLUE: train.tsv, dev.tsv)")
-    backbone: str = _f("minilm-l6", "minilm-l6 (packaged), tiny-bert, hf:<hub id or dir>, timm:<name>")
-    pretrained: bool = _f(True, "load pretrained weights (timm / hf); false = random initialisation")
-    device: str = _f("cpu", "torch device: cpu, cuda, cuda:1, ...")
-    seed: int = _f(0, "seed of a chain: head initialisation, data order, dropout and Langevin noise")
-    data_seed: int = _f(0, "seed of the data: few-shot selection, --train-size subset (same for every chain)")
-    max_length: int = _f(64, "tokens per example after truncation")
-    batch_size: int = _f(16, "minibatch size |B| in both stages")
-    eval_batch_size: int = _f(64, "batch size for evaluation")
-    train_size: int | None = _f(None, "cap the training set at this many examples (seeded subset)")
-    shots_per_class: int = _f(32, "bbc-news: training examples per class")
-    validation_fraction: float = _f(0.0, "fraction of the training set held out for model selection: stage 2 "
-                                    "restores the state with the best validation metric")
-    include: list[str] = _f(["*"], "search space: glob patterns of covered parameter names", nargs="+")
-    exclude: list[str] = _f([], "search space: glob patterns to leave out (the head is always out)", nargs="*")
-    # the method
-    method: str = _f("bayestune", "how coordinates are chosen and trained (see bayestune_pyro/methods.py): "
-                     + ", ".join(METHODS), choices=METHODS)
-    grad_batches: int = _f(8, "gradient, bitfit: minibatches whose |∇| are summed into the score")
-    sift_batches: int = _f(1, "sift: minibatches whose |∇| are summed into the score")
-    sift_modules: list[str] = _f(["*"], "sift: globs of the tensors it may choose from, e.g. '*attention*'",
-                                 nargs="+")
-    l1: float = _f(1e-4, "l1sp: strength of the L1 penalty towards θ̄ in its full fine-tuning stage (--steps)")
-    dense_lr: float = _f(5e-5, "full, and l1sp's first stage: learning rate of dense AdamW fine-tuning")
-    lora_targets: list[str] = _f(list(DEFAULT_TARGETS), "lora: globs of the weight matrices to adapt", nargs="+")
-    lora_rank: int | None = _f(None, "lora: rank r (default: the rank whose parameter count is closest to ⌊p·d⌋)")
-    # the model
-    alpha: float = _f(0.01, "Gamma shape α of the prior on λ")
-    beta: float = _f(100.0, "Gamma rate β of the prior on λ (prior mean α/β)")
-    n_hat: float | list[float] = _f(1e9, "effective data size N̂ (likelihood weight); a list (1e8,1e10) is a grid "
-                                    "chosen on validation, like --gamma")
-    sigma: float = _f(1.0, "regression tasks: noise scale σ of the Normal likelihood")
-    # stage 1: inference
-    inference: str = _f("sgld", "sgld (sampling), map (the SGLD kernel with γ = 0), vi (SVI, AutoNormal guide), "
-                        "map-svi (SVI, AutoDelta guide)", choices=ENGINES)
-    chains: int = _f(1, "independent stage-1 chains (seeds seed, seed+1, …), run one after the other")
-    vi_init_scale: float = _f(1e-4, "vi: initial standard deviation of the guide (unconstrained space)")
-    steps: int = _f(300, "stage-1 steps in all (warm-up + burn-in + sampling)")
-    warmup: int = _f(100, "warm-up steps: plain optimisation of θ and head, no prior, no noise")
-    burnin: int = _f(100, "burn-in steps: SGLD, nothing collected")
-    thin: int = _f(10, "collect every thin-th SGLD state in the sampling phase")
-    lr: float = _f(1e-4, "stage-1 learning rate for θ (η = 2·lr/N̂)")
-    lr_lambda: float | list[float] = _f(1e-2, "stage-1 learning rate for log λ; a list is a grid, like --gamma")
-    head_lr: float = _f(1e-3, "learning rate of the head (Adam, both stages unless --stage2-head-lr)")
-    lambda_init: float = _f(1e-4, "initial λ₀ of every coordinate")
-    gamma: float | list[float] = _f(1.0, "noise discount γ (temperature γ²); 0 is MAP. A list (1e-4,1e-2,1) is a "
-                                    "grid: every point runs stage 1 and 2, and the best validation score wins "
-                                    "(needs --validation-fraction)")
-    preconditioner: str = _f("rmsprop", "none (SGLD), rmsprop (pSGLD), adam (the original code; not a sampler)",
-                             choices=PRECONDITIONERS)
-    clip_norm: float | None = _f(None, "clip the stage-1 gradient of (θ, log λ) to this total norm")
-    precond_eps: float | None = _f(None, "rmsprop: ε of G = 1/(√v + ε), the bound G ≤ 1/ε; default 1/(λ₀·N̂), the "
-                                   "prior's gradient scale, so a coordinate without data moves on the prior's scale")
-    freeze_preconditioner: bool = _f(True, "rmsprop: stop adapting the preconditioner G when sampling starts, so "
-                                     "sampling is exact SGLD with a constant G")
-    gibbs: bool = _f(False, "in burn-in and sampling, draw λ from its exact conditional λ | θ (GIG) after each "
-                     "SGLD step on θ, instead of a Langevin step on log λ")
-    lambda_estimator: str | None = _f(None, "λ̂ from the λ draws (draws) or the mean of E[λ | θ] over draws "
-                                      "(rao-blackwell); default: rao-blackwell for sgld, draws (the λ path) for "
-                                      "map and bayestune-paper", choices=ESTIMATORS)
-    n_tracked: int = _f(256, "coordinates whose full traces are kept")
-    delta_moments: bool = _f(False, "also keep the posterior mean and variance of θ − θ̄ for every coordinate")
-    checkpoint_every: int = _f(100, "stage-1 checkpoint interval in steps")
-    # mask
-    p: float | None = _f(0.005, "fraction of covered coordinates to fine-tune in stage 2 (top-p by λ̂)")
-    threshold: float | None = _f(None, "instead of p (takes precedence): fine-tune every coordinate with λ̂ > threshold")
+    # data
+    task: str = option("bbc-news", "task name (bbc-news is the offline default; GLUE/SuperGLUE need --data-dir "
+                       "offline)")
+    data_dir: str | None = option(None, "directory with the task's distribution files (GLUE: train.tsv, dev.tsv)")
+    seed: int = option(0, "seed of a chain: head initialisation, data order, dropout and Langevin noise")
+    data_seed: int = option(0, "seed of the data: few-shot selection, --train-size subset (same for every chain)")
+    max_length: int = option(64, "tokens per example after truncation")
+    batch_size: int = option(16, "minibatch size |B| in both stages")
+    eval_batch_size: int = option(64, "batch size for evaluation")
+    train_size: int | None = option(None, "cap the training set at this many examples (seeded subset)")
+    shots_per_class: int = option(32, "bbc-news: training examples per class")
+    validation_fraction: float = option(0.0, "fraction of the training set held out for model selection: stage 2 "
+                                        "restores the state with the best validation metric")
+    sigma: float = option(1.0, "regression tasks: noise scale σ of the Normal likelihood")
+    # backbone
+    backbone: str = option("minilm-l6", "minilm-l6 (packaged), tiny-bert, hf:<hub id or dir>, timm:<name>")
+    pretrained: bool = option(True, "load pretrained weights (timm / hf); false = random initialisation")
+    device: str = option("cpu", "torch device: cpu, cuda, cuda:1, ...")
+    # search space
+    include: list[str] = option(["*"], "search space: glob patterns of covered parameter names", nargs="+")
+    exclude: list[str] = option([], "search space: glob patterns to leave out (the head is always out)",
+                                nargs="*")
+    # budget
+    p: float | None = option(0.005, "fraction of covered coordinates to fine-tune in stage 2 (top-p by the "
+                             "method's score)")
+    threshold: float | None = option(None, "posterior methods, instead of p (takes precedence): fine-tune every "
+                                     "coordinate with λ̂ > threshold")
+    # the method and, for the posterior methods, the stage-1 engine (their options live in their own modules)
+    method: str = option("bayestune", "how coordinates are chosen and trained (one module each in "
+                         "bayestune_pyro/methods/)")
+    inference: str | None = option(None, "posterior methods: the stage-1 engine (one module each in "
+                                   "bayestune_pyro/engines/; default: the method's)")
+    # stage-1 schedule (also l1sp's dense stage: --steps)
+    steps: int = option(300, "stage-1 steps in all (warm-up + burn-in + sampling)")
+    warmup: int = option(100, "warm-up steps: plain optimisation of θ and head, no prior, no noise")
+    burnin: int = option(100, "burn-in steps: SGLD, nothing collected")
+    thin: int = option(10, "collect every thin-th SGLD state in the sampling phase")
+    head_lr: float = option(1e-3, "learning rate of the head (Adam, both stages unless --stage2-head-lr)")
     # stage 2
-    stage2_steps: int = _f(300, "stage-2 steps")
-    stage2_lr: float = _f(1e-3, "stage-2 learning rate of the masked coordinates (AdamW)")
-    stage2_head_lr: float | None = _f(None, "stage-2 learning rate of the head (default: --head-lr)")
-    weight_decay: float = _f(0.0, "stage-2 decoupled weight decay (masked coordinates and head only)")
-    eval_every: int = _f(50, "with --validation-fraction: validate every this many stage-2 steps (and at the end)")
+    stage2_steps: int = option(300, "stage-2 steps")
+    stage2_lr: float = option(1e-3, "stage-2 learning rate of the masked coordinates (AdamW)")
+    stage2_head_lr: float | None = option(None, "stage-2 learning rate of the head (default: --head-lr)")
+    weight_decay: float = option(0.0, "stage-2 decoupled weight decay (masked coordinates and head only)")
+    eval_every: int = option(50, "with --validation-fraction: validate every this many stage-2 steps (and at the "
+                             "end)")
+    # the parts' own options (None: their defaults)
+    method_options: Options | None = field(default=None, repr=False)
+    engine_options: Options | None = field(default=None, repr=False)
 
-    def validate(self) -> "RunConfig":
+    COMMON: ClassVar[tuple[str, ...]] = ()  # set below: the common fields' names
+
+    def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"task: unknown value {self.task!r}; choose one of: {', '.join(TASKS)}")
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
             raise ValueError(f"data_dir: {self.data_dir!r} is not a directory")
-        if self.method not in METHODS:
-            raise ValueError(f"method: unknown value {self.method!r}; choose one of: {', '.join(METHODS)}")
-        if self.method == "bayestune-map":
-            self.inference = "map"
-        if self.inference not in ENGINES:
-            raise ValueError(f"inference: unknown value {self.inference!r}; choose one of: {', '.join(ENGINES)}")
-        for name in ("chains", "max_length", "batch_size", "eval_batch_size", "shots_per_class", "n_tracked",
-                     "checkpoint_every", "stage2_steps", "eval_every", "grad_batches", "sift_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)!r}")
+        check_at_least_one(self, "max_length", "batch_size", "eval_batch_size", "shots_per_class", "stage2_steps",
+                           "eval_every")
         if self.train_size is not None and self.train_size < 1:
             raise ValueError(f"train_size: must be >= 1 or unset, got {self.train_size!r}")
-        for name in ("alpha", "beta", "n_hat", "sigma", "lr", "lr_lambda", "head_lr", "lambda_init", "stage2_lr",
-                     "vi_init_scale", "dense_lr"):
-            for value in _values(getattr(self, name)):
-                if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-                    raise ValueError(f"{name}: must be a positive number, got {value!r}")
-        for value in _values(self.gamma):
-            if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
-                raise ValueError(f"gamma: must be >= 0 (0 is MAP), got {value!r}")
-        if self.precond_eps is not None and not (self.precond_eps > 0 and math.isfinite(self.precond_eps)):
-            raise ValueError(f"precond_eps: must be a positive number or unset, got {self.precond_eps!r}")
-        grid = self.gridded()
-        if grid and self.method not in POSTERIOR:
-            raise ValueError(f"{grid[0]}: a list is a grid over stage-1 posteriors; method {self.method!r} has none")
-        if grid and not self.validation_fraction > 0:
-            raise ValueError(f"{grid[0]}: a grid is chosen on the validation split; set --validation-fraction > 0")
-        if self.lambda_estimator is not None and self.lambda_estimator not in ESTIMATORS:
-            raise ValueError(f"lambda_estimator: unknown value {self.lambda_estimator!r}; "
-                             f"choose one of: {', '.join(ESTIMATORS)}")
-        if self.gibbs and (self.method == "bayestune-paper" or self.inference != "sgld"):
-            raise ValueError(f"gibbs: the Gibbs step for λ is part of the sgld engine of bayestune, not of method "
-                             f"{self.method!r} with inference {self.inference!r}")
-        if self.preconditioner not in PRECONDITIONERS:
-            raise ValueError(f"preconditioner: unknown value {self.preconditioner!r}; "
-                             f"choose one of: {', '.join(PRECONDITIONERS)}")
-        if self.threshold is not None:
-            self.p = None  # a threshold replaces the default budget
+        check_positive(self, "head_lr", "stage2_lr", "sigma")
+        if not 0 <= self.validation_fraction <= 0.5:
+            raise ValueError(f"validation_fraction: must be in [0, 0.5], got {self.validation_fraction!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay!r}")
         if self.p is None and self.threshold is None:
             raise ValueError("p: unset, and no threshold either; give one of them")
         if self.p is not None and not 0 < self.p <= 1:
             raise ValueError(f"p: must be a fraction in (0, 1], got {self.p!r}")
         if self.threshold is not None and not self.threshold > 0:
             raise ValueError(f"threshold: must be > 0, got {self.threshold!r}")
-        if self.threshold is not None and self.method not in POSTERIOR:
-            raise ValueError(f"threshold: only {' and '.join(POSTERIOR)} select by a λ̂ threshold; give --p for "
-                             f"method {self.method!r}")
-        if not 0 <= self.validation_fraction <= 0.5:
-            raise ValueError(f"validation_fraction: must be in [0, 0.5], got {self.validation_fraction!r}")
-        if self.l1 < 0:
-            raise ValueError(f"l1: must be >= 0, got {self.l1!r}")
-        if self.lora_rank is not None and self.lora_rank < 1:
-            raise ValueError(f"lora_rank: must be >= 1 or unset, got {self.lora_rank!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay!r}")
         self.schedule()
-        return self
+        method = METHODS.get(self.method)
+        if self.threshold is not None and not method.posterior:
+            raise ValueError(f"threshold: only posterior methods select by a λ̂ threshold; give --p for method "
+                             f"{self.method!r}")
+        self.method_options = _options(method.options, self.method_options, f"method {self.method}")
+        self.inference = method.engine_for(self.inference)
+        engine = ENGINES.get(self.inference) if self.inference is not None else None
+        options = engine.options if engine is not None else None
+        if options is None and self.engine_options:
+            raise ValueError(f"inference: method {self.method!r} has no stage-1 engine, so no engine options")
+        self.engine_options = _options(options, self.engine_options, f"engine {self.inference}") if options else None
+        grid = self.gridded()
+        if grid and not self.validation_fraction > 0:
+            raise ValueError(f"{grid[0]}: a grid is chosen on the validation split; set --validation-fraction > 0")
+
+    # --- the parts
+
+    @property
+    def options(self) -> Options:
+        """The method's own options."""
+        return self.method_options
 
     def schedule(self) -> Schedule:
         return Schedule(self.steps, self.warmup, self.burnin, self.thin)
 
-    def estimator(self) -> str:
-        """The λ̂ estimator: as set, else rao-blackwell when sampling and draws (the λ path) otherwise."""
-        if self.lambda_estimator is not None:
-            return self.lambda_estimator
-        return "rao-blackwell" if self.inference == "sgld" and self.method == "bayestune" else "draws"
+    def budget_p(self) -> float | None:
+        """The top-p budget, or None when a threshold replaces it."""
+        return None if self.threshold is not None else self.p
+
+    def _parts(self) -> list[Options]:
+        return [o for o in (self.method_options, self.engine_options) if o is not None]
+
+    def __getattr__(self, name: str):
+        """A part's option by its flat name (``config.gamma``), read-only."""
+        if name.startswith("_") or name in ("method_options", "engine_options"):
+            raise AttributeError(name)
+        for part in self._parts():
+            if name in fields_of(type(part)):
+                return getattr(part, name)
+        raise AttributeError(f"{type(self).__name__!r} has no field or option {name!r}")
+
+    # --- grids
 
     def grid(self) -> list[dict]:
-        """The grid points: one {field: value} per combination of the list-valued ``GRID_FIELDS``."""
+        """The grid points: one {field: value} per combination of the list-valued grid fields."""
         points = [{}]
-        for name in GRID_FIELDS:
-            points = [{**point, name: value} for point in points for value in _values(getattr(self, name))]
+        for part in reversed(self._parts()):  # the engine's fields first: γ, then N̂ and lr_λ
+            for name in type(part).GRID:
+                points = [{**point, name: value} for point in points for value in values_of(getattr(part, name))]
         return points
 
     def gridded(self) -> list[str]:
-        """The ``GRID_FIELDS`` that hold a list."""
-        return [name for name in GRID_FIELDS if isinstance(getattr(self, name), list)]
+        """The grid fields that hold a list."""
+        return [n for part in self._parts() for n in type(part).GRID if isinstance(getattr(part, n), list)]
 
     def single(self, stage: str) -> None:
         """Refuse a grid where one stage 1 is meant."""
         if self.gridded():
             raise ValueError(f"{self.gridded()[0]}: {stage} runs one grid point; a list is run by `bayestune run`")
 
+    # --- conversion
+
+    def replace(self, **values) -> "RunConfig":
+        """A copy with fields or part options (flat names) changed, validated."""
+        return RunConfig.from_dict(merge(self.to_dict(), values))
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Common fields flat, then ``method: {name, options}`` and, with an engine, ``engine: {name, options}``."""
+        out = {name: _plain(getattr(self, name)) for name in self.COMMON if name not in ("method", "inference")}
+        out["method"] = {"name": self.method, **self.method_options.to_dict()}
+        if self.inference is not None:
+            out["engine"] = {"name": self.inference, **(self.engine_options.to_dict() if self.engine_options else {})}
+        return out
+
+    def flat(self) -> dict:
+        """Every field and option under its flat name (the method and engine by name): for tables and netCDF."""
+        out = {name: _plain(getattr(self, name)) for name in self.COMMON}
+        for part in self._parts():
+            out.update(part.to_dict())
+        return out
 
     @classmethod
-    def from_dict(cls, values: dict, source: str = "config") -> "RunConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown field {unknown[0]!r}; known fields: {', '.join(sorted(known))}")
-        types = {f.name: f.type for f in dataclasses.fields(cls)}
-        return cls(**{k: coerce(k, types[k], v) for k, v in values.items()})
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> "RunConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config: {str(path)!r} does not exist")
+    def from_dict(cls, values: dict, source: str = "config", strict: bool = True) -> "RunConfig":
+        """From nested or flat keys (see the module docstring); ``strict=False`` drops other parts' keys."""
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        method_block, engine_block = values.pop("method", "bayestune"), values.pop("engine", None)
+        if isinstance(method_block, dict):
+            method_block = dict(method_block)
+            method = method_block.pop("name", "bayestune")
+        else:
+            method, method_block = method_block, {}
+        inference = values.pop("inference", None)
+        if isinstance(engine_block, dict):
+            engine_block = dict(engine_block)
+            inference = inference or engine_block.pop("name", None)
+            engine_block.pop("name", None)
+        else:
+            inference, engine_block = inference or engine_block, {}
+        method = coerce("method", str, method)
+        spec = METHODS.get(method)
         try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"config: {str(path)!r} is not valid YAML ({str(err).splitlines()[0]})") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"config: {str(path)!r} must hold a mapping of field: value")
-        return cls.from_dict({k.replace("-", "_"): v for k, v in values.items()}, source=f"config {path.name}")
+            inference = spec.engine_for(inference)
+        except ValueError:
+            if strict:
+                raise
+            inference = spec.engine_for(None)
+        engine = ENGINES.get(inference) if inference is not None else None
+        own = fields_of(spec.options)
+        engine_own = fields_of(engine.options) if engine is not None and engine.options else {}
+        hints = _hints(cls)
+        common, method_values, engine_values = {}, dict(method_block), dict(engine_block)
+        for key, value in values.items():
+            if key in cls.COMMON:
+                common[key] = coerce(key, hints[key], value)
+            elif key in own:
+                method_values[key] = value
+            elif key in engine_own:
+                engine_values[key] = value
+            elif not strict and _owner(key) is not None:
+                continue  # written by this package for another method or engine
+            else:
+                owner = _owner(key)
+                if owner is None:
+                    raise ValueError(f"{source}: unknown field {key!r}; known fields: {', '.join(_all_names())}")
+                where = f"method {method}" + (f" with engine {inference}" if inference else "")
+                raise ValueError(f"{key}: an option of {owner}, not of {where}")
+        if not strict:
+            method_values = {k: v for k, v in method_values.items() if k in own}
+            engine_values = {k: v for k, v in engine_values.items() if k in engine_own}
+        return cls(**common, method=method, inference=inference,
+                   method_options=spec.options.from_values(method_values, f"method {method}"),
+                   engine_options=engine.options.from_values(engine_values, f"engine {inference}")
+                   if engine is not None and engine.options else None)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, strict: bool = True) -> "RunConfig":
+        return cls.from_dict(read_yaml_mapping(path), source=f"config {Path(path).name}", strict=strict)
 
 
-def _values(value) -> list:
-    return list(value) if isinstance(value, list) else [value]
+RunConfig.COMMON = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in ("method_options",
+                                                                                      "engine_options"))
 
 
-def coerce(name: str, kind: str, value):
-    """Convert a YAML or command-line value to the field's declared type, or say which field is wrong."""
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-        if "None" in kind:
-            return None
-        raise ValueError(f"{name}: must be set (a {kind}), got {value!r}")
-    base = kind.replace(" | None", "")
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _options(cls: type[Options], given, owner: str) -> Options:
+    if isinstance(given, cls):
+        return given
+    if given is None:
+        return cls()
+    if isinstance(given, dict):
+        return cls.from_values(given, owner)
+    raise ValueError(f"{owner}: options must be a mapping or {cls.__name__}, got {type(given).__name__}")
+
+
+def _owner(key: str) -> str | None:
+    """Which registered method or engine has an option ``key`` (the first one, in registry order)."""
+    for kind, registry in (("method", METHODS), ("engine", ENGINES)):
+        for name in registry.names():
+            options = registry.get(name).options
+            if options is not None and key in fields_of(options):
+                return f"{kind} {name}"
+    return None
+
+
+def option_fields() -> dict[str, tuple[str, dataclasses.Field, Any]]:
+    """Every option a flag or flat key can set: name → (owner, field, type), the common fields first, then the
+    registered methods' and engines' options (a name several parts share is listed once, under the first)."""
+    fields = {f.name: ("run", f, _hints(RunConfig)[f.name]) for f in dataclasses.fields(RunConfig)
+              if f.name in RunConfig.COMMON}
+    for kind, registry in (("method", METHODS), ("engine", ENGINES)):
+        for name in registry.names():
+            options = registry.get(name).options
+            for f in dataclasses.fields(options) if options is not None else ():
+                fields.setdefault(f.name, (f"{kind} {name}", f, _hints(options)[f.name]))
+    return fields
+
+
+def _all_names() -> list[str]:
+    return sorted(option_fields())
+
+
+def merge(base: dict, changes: dict) -> dict:
+    """``base`` (nested as :meth:`RunConfig.to_dict` writes it, or flat) updated by ``changes`` (flat or nested).
+
+    A new method name starts that method's options (and engine) from the defaults; so does a new engine name.
+    """
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for key, value in changes.items():
+        key = key.replace("-", "_")
+        if key not in ("method", "engine", "inference"):
+            out[key] = value
+            continue
+        block = "method" if key == "method" else "engine"
+        new = dict(value) if isinstance(value, dict) else {"name": value}
+        old = out.get(block) if isinstance(out.get(block), dict) else {"name": out.get(block)}
+        if block == "engine" and "inference" in out:
+            old = {**old, "name": out.pop("inference")}
+        if "name" not in new or new["name"] == old.get("name"):
+            out[block] = {**old, **new}
+        else:
+            out[block] = new
+            if block == "method":
+                out.pop("engine", None)
+                out.pop("inference", None)
+    return out
+
+
+def read_yaml_mapping(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config: {str(path)!r} does not exist")
     try:
-        if base == "bool":
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "1", "yes"):
-                return True
-            if str(value).lower() in ("false", "0", "no"):
-                return False
-            raise ValueError
-        if base == "int":
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
-        if base == "float":
-            return float(value)
-        if base == "float | list[float]":
-            items = value if isinstance(value, (list, tuple)) else str(value).split(",") if isinstance(value, str) \
-                else [value]
-            floats = [float(v) for v in items]
-            return floats[0] if len(floats) == 1 else floats
-        if base == "list[str]":
-            return [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
-        return str(value)
-    except (TypeError, ValueError):
-        article = "an" if base[0] in "aeiou" else "a"
-        what = "a number or a comma-separated list of numbers" if "list[float]" in base else f"{article} {base}"
-        raise ValueError(f"{name}: expected {what}, got {value!r}") from None
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"config: {str(path)!r} is not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"config: {str(path)!r} must hold a mapping of field: value")
+    return values

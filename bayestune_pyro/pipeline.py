@@ -10,143 +10,65 @@ Run directory::
     metrics.json           task metric on the test split, n_updated, n_total, p, seconds per stage
 
 Each function reads what earlier stages wrote, so stages can be run (and re-run) one at a time.
-Peer methods (``config.method``, see ``methods.py``) go through the same functions: their mask replaces the
+Peer methods (``config.method``, one module each in ``methods/``) go through the same functions: their mask replaces the
 posterior's (stage 1 is their selection), or, for methods without a fixed mask, stage 2 trains as they
 prescribe; every method gets the same data, budget, stage-2 schedule, model selection and evaluation.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
-from .config import GRID_FIELDS, RunConfig
-from .data import TaskData, infinite_batches, load_task, make_loader
+from .config import RunConfig
 from .finetune.evaluate import evaluate
-from .finetune.stage2 import SparseFineTuner, fit
+from .finetune.stage2 import fit
+from .inference.driver import CHECKPOINT, CHECKPOINT_INFO, checkpoint_chain, run_chain
 from .inference.posterior import StreamingPosterior
-from .inference.potential import Potential
-from .inference.runner import CHECKPOINT, CHECKPOINT_INFO, StepSizes, checkpoint_chain, run_stage1
-from .inference.sgld import SGLDConfig
-from .inference.vi import run_svi
 from .io import atomic_path, read_json, write_json, write_yaml
-from .methods import POSTERIOR, SELECTED, make_tuner, select_mask
-from .models.backbones import init_head, load_backbone
-from .models.gamma_laplace import GammaLaplaceModel
-from .models.lifted import LiftedBackbone
-from .models.search_space import SearchSpace
-from .selection.masks import Mask, budget
+from .models.backbones import init_head
+from .registry import ENGINES, METHODS
+from .run_setup import setup
+from .selection.masks import Mask
 from .selection.uncertainty import select
-
-
-@dataclass
-class Setup:
-    """Everything a stage needs, built from the configuration."""
-
-    config: RunConfig
-    task: TaskData
-    lifted: LiftedBackbone
-    model: GammaLaplaceModel
-
-    def train_batches(self, seed: int | None = None):
-        """Shuffled training batches, epoch after epoch (order seeded by ``seed``, default the run's seed)."""
-        loader = make_loader(self.task.train, self.lifted.backbone.tokenizer, batch_size=self.config.batch_size,
-                             max_length=self.config.max_length, shuffle=True,
-                             seed=self.config.seed if seed is None else seed,
-                             regression=self.task.spec.is_regression)
-        return infinite_batches(loader)
-
-    def test_loader(self):
-        return self._eval_loader(self.task.test)
-
-    def _eval_loader(self, examples):
-        return make_loader(examples, self.lifted.backbone.tokenizer, batch_size=self.config.eval_batch_size,
-                           max_length=self.config.max_length, shuffle=False,
-                           regression=self.task.spec.is_regression)
-
-    def validator(self):
-        """forward → the task metric on the validation split (None without one), for stage-2 model selection."""
-        if not self.task.validation:
-            return None
-        loader, spec, device = self._eval_loader(self.task.validation), self.task.spec, self.lifted.theta_bar.device
-        return lambda forward: evaluate(forward, loader, spec, device)[spec.metric]
-
-    def nll(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean negative log-likelihood of a batch: the stage-2 loss, the same p(y|·) as stage 1."""
-        return -self.model.observation(out).log_prob(labels).mean()
-
-
-def setup(config: RunConfig) -> Setup:
-    """Load the task and a fresh backbone (same seed → same head initialisation), lift it and build the model."""
-    config.validate()
-    task = load_task(config.task, config.data_dir, seed=config.data_seed, train_size=config.train_size,
-                     validation_fraction=config.validation_fraction, shots_per_class=config.shots_per_class)
-    backbone = load_backbone(config.backbone, task.spec.num_labels, pretrained=config.pretrained, seed=config.seed,
-                             target_mean=task.target_mean)
-    lifted = LiftedBackbone(backbone, SearchSpace(tuple(config.include), tuple(config.exclude)), config.device)
-    likelihood = "normal" if task.spec.is_regression else "categorical"
-    model = GammaLaplaceModel(lifted, alpha=config.alpha, beta=config.beta, n_hat=config.n_hat,
-                              likelihood=likelihood, sigma=config.sigma)
-    return Setup(config, task, lifted, model)
 
 
 def stage1(config: RunConfig, run_dir: str | os.PathLike, progress: bool = True) -> StreamingPosterior:
     """Infer (θ, λ) with the configured engine, chain after chain, and write the streaming posterior.
 
     Every chain starts from the pretrained θ̄; chain c uses seed ``config.seed + c`` (head initialisation, data
-    order, dropout, Langevin noise), so it is the single-chain run with that seed. An interrupted run resumes in the chain it stopped.
+    order, dropout, Langevin noise), so it is the single-chain run with that seed. An interrupted run resumes in
+    the chain it stopped.
     """
-    if config.method not in POSTERIOR:
-        raise ValueError(f"method: stage 1 samples a posterior for {' and '.join(POSTERIOR)} only, "
-                         f"not {config.method!r}; use `bayestune run`")
+    if not METHODS.get(config.method).posterior:
+        raise ValueError(f"method: stage 1 samples a posterior for the posterior methods only, not "
+                         f"{config.method!r}; use `bayestune run`")
     config.single("stage 1")
     run_dir = Path(run_dir)
     s = setup(config)
+    options, engine = config.options, ENGINES.get(config.inference)
+    estimator = options.lambda_estimator or ("rao-blackwell" if engine.sampler else "draws")
     # the tracked subset is seeded by 0, not the run's seed, so separately run chains can be merged
-    posterior = StreamingPosterior(s.lifted.layout, chains=config.chains, n_tracked=config.n_tracked,
-                                   track_delta_moments=config.delta_moments, estimator=config.estimator(), seed=0,
+    posterior = StreamingPosterior(s.lifted.layout, chains=options.chains, n_tracked=options.n_tracked,
+                                   track_delta_moments=options.delta_moments, estimator=estimator, seed=0,
                                    device=s.lifted.theta_bar.device)
     start = time.perf_counter()
-    for chain in range(checkpoint_chain(run_dir), config.chains):
-        init_head(s.lifted.backbone, config.seed + chain, s.task.target_mean)
-        _run_chain(s, posterior, chain, run_dir, progress)
+    for chain in range(checkpoint_chain(run_dir), options.chains):
+        seed = config.seed + chain
+        init_head(s.lifted.backbone, seed, s.task.target_mean)
+        kernel = engine.kernel(s, options, config.engine_options, seed)
+        run_chain(kernel, s.train_batches(seed), config.schedule(), posterior, engine=engine.name, chain=chain,
+                  device=s.lifted.theta_bar.device, checkpoint_dir=run_dir,
+                  checkpoint_every=options.checkpoint_every, progress=progress)
     posterior.save(run_dir, {"seconds": time.perf_counter() - start, "n_train": len(s.task.train),
-                             "inference": config.inference, "seeds": [config.seed + c for c in range(config.chains)]})
+                             "inference": config.inference, "seeds": [config.seed + c for c in range(options.chains)]})
     for name in (CHECKPOINT, CHECKPOINT_INFO):
         (run_dir / name).unlink(missing_ok=True)
     return posterior
-
-
-def _run_chain(s: Setup, posterior: StreamingPosterior, chain: int, run_dir: Path, progress: bool) -> None:
-    config = s.config
-    seed = config.seed + chain
-    common = dict(chain=chain, seed=seed, checkpoint_dir=run_dir, checkpoint_every=config.checkpoint_every,
-                  progress=progress)
-    sizes = StepSizes(config.lr, config.lr_lambda, config.head_lr, config.lambda_init)
-    batches = s.train_batches(seed)
-    if config.inference in ("vi", "map-svi"):
-        run_svi(Potential(s.model), batches, config.schedule(), sizes, posterior,
-                guide_kind="normal" if config.inference == "vi" else "delta", init_scale=config.vi_init_scale,
-                **common)
-        return
-    if config.method == "bayestune-paper":  # the original code: Adam on noisy gradients, λ in linear space
-        kernel = SGLDConfig(n_hat=config.n_hat, gamma=config.gamma, preconditioner="adam")
-        potential = Potential(s.model, lambda_space="linear", clip_likelihood=1.0)
-    else:
-        eps = config.precond_eps or 1.0 / (config.lambda_init * config.n_hat)
-        kernel = SGLDConfig(n_hat=config.n_hat, gamma=0.0 if config.inference == "map" else config.gamma,
-                            preconditioner=config.preconditioner, eps=eps, clip_norm=config.clip_norm,
-                            freeze_preconditioner=config.freeze_preconditioner)
-        # MAP is the mode of the model's own density in λ (as AutoDelta's), so no Jacobian when γ = 0
-        potential = Potential(s.model, jacobian=config.inference != "map")
-    run_stage1(potential, batches, config.schedule(), kernel, sizes, posterior, gibbs=config.gibbs, **common)
 
 
 def merge_chains(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> StreamingPosterior:
@@ -163,8 +85,7 @@ def merge_chains(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> S
         if part.layout != first.layout or not torch.equal(part.tracked_index, first.tracked_index):
             raise ValueError(f"runs: {str(d)!r} has another backbone, search space or tracked set than {str(run_dirs[0])!r}")
     merged = StreamingPosterior.concatenate(parts)
-    configs = [yaml.safe_load((Path(d) / "config.yaml").read_text()) for d in run_dirs]
-    config = RunConfig.from_dict({**configs[0], "chains": merged.chains})
+    config = RunConfig.from_yaml(Path(run_dirs[0]) / "config.yaml", strict=False).replace(chains=merged.chains)
     out = Path(out)
     write_config(config, out)
     seeds = [seed for part in parts for seed in part.meta.get("seeds", [None] * part.chains)]
@@ -191,32 +112,36 @@ def stage2(config: RunConfig, run_dir: str | os.PathLike, progress: bool = True)
     and, for masked methods, delta.safetensors."""
     config.single("stage 2")
     run_dir = Path(run_dir)
-    s = setup(config)
+    s, method = setup(config), METHODS.get(config.method)
     mask = None
-    if config.method in POSTERIOR + SELECTED:
+    if method.masked:
         mask = Mask.load(run_dir, s.lifted.theta_bar.device)
         if mask.layout != s.lifted.layout:
             raise ValueError(f"mask: {run_dir / 'mask.json'} was made for another backbone or search space")
-    tuner = make_tuner(s, mask)
-    start = time.perf_counter()
-    selection = fit(tuner, s.train_batches(), tuner.config, s.validator(), progress)
-    seconds = time.perf_counter() - start
-    scores = evaluate(tuner.forward, s.test_loader(), s.task.spec, s.lifted.theta_bar.device)
+    tuner = method.tuner(s, config.options, mask)
+    try:
+        start = time.perf_counter()
+        selection = fit(tuner, s.train_batches(), tuner.config, s.validator(), progress)
+        seconds = time.perf_counter() - start
+        scores = evaluate(tuner.forward, s.test_loader(), s.task.spec, s.lifted.theta_bar.device)
+        n_changed = tuner.n_changed()
+        sparse = tuner.sparse_delta(config.backbone, s.task.spec.num_labels, config.seed, config.pretrained)
+    finally:
+        tuner.release()  # the module's parameters are θ̄ again, whatever happened
     metric = s.task.spec.metric
     metrics = {
         "task": config.task, "method": config.method, "metric": metric, f"test_{metric}": scores[metric],
         "test": scores, "n_test": len(s.task.test), "n_train": len(s.task.train),
         "n_validation": len(s.task.validation),
-        "n_updated": tuner.n_updated, "budget": budget(config.p, s.lifted.d) if config.p else None,
+        "n_updated": tuner.n_updated, "budget": s.k if config.budget_p() is not None else None,
         "n_total": s.lifted.d, "p": mask.p if mask is not None else config.p,
         "threshold": mask.threshold if mask is not None else None,
     }
     if "best_step" in selection:
         metrics.update(validation_best_step=selection["best_step"], validation_score=selection["best_score"])
-    if hasattr(tuner, "n_changed"):
-        metrics["n_changed"] = tuner.n_changed()
-    if isinstance(tuner, SparseFineTuner):
-        sparse = tuner.sparse_delta(config.backbone, s.task.spec.num_labels, config.seed, config.pretrained)
+    if n_changed is not None:
+        metrics["n_changed"] = n_changed
+    if sparse is not None:
         sparse.save(run_dir / "delta.safetensors")
         metrics["delta_bytes"] = (run_dir / "delta.safetensors").stat().st_size
     stage1_meta = read_json(run_dir / "posterior.json") if (run_dir / "posterior.json").exists() else {}
@@ -241,7 +166,7 @@ def run_grid(config: RunConfig, run_dir: Path, progress: bool = True) -> dict:
         name = "_".join(f"{k}={v:g}" for k, v in point.items())
         sub = run_dir / "grid" / name
         done = (sub / "metrics.json").exists()  # a finished point of an interrupted grid is not rerun
-        metrics = read_json(sub / "metrics.json") if done else run(dataclasses.replace(config, **point), sub, progress)
+        metrics = read_json(sub / "metrics.json") if done else run(config.replace(**point), sub, progress)
         score = metrics.get("validation_score")
         points.append({**point, "directory": f"grid/{name}", "validation_score": score})
     finite = [i for i, pt in enumerate(points) if pt["validation_score"] is not None
@@ -255,7 +180,7 @@ def run_grid(config: RunConfig, run_dir: Path, progress: bool = True) -> dict:
             with atomic_path(run_dir / name) as tmp:
                 shutil.copyfile(chosen / name, tmp)
     metrics = read_json(chosen / "metrics.json")
-    metrics.update(grid=points, chosen={k: v for k, v in points[best].items() if k in GRID_FIELDS})
+    metrics.update(grid=points, chosen={k: v for k, v in points[best].items() if k in config.grid()[0]})
     metrics["seconds"] = {"grid": sum(_seconds(run_dir / pt["directory"]) for pt in points), **metrics["seconds"]}
     write_json(run_dir / "metrics.json", metrics)
     return metrics
@@ -274,19 +199,19 @@ def run(config: RunConfig, run_dir: str | os.PathLike, progress: bool = True) ->
 
     A list-valued γ, N̂ or lr_λ is a grid: see :func:`run_grid`.
     """
-    config.validate()
     run_dir = Path(run_dir)
     write_config(config, run_dir)
     if len(config.grid()) > 1:
         return run_grid(config, run_dir, progress)
-    if config.method in POSTERIOR:
+    method = METHODS.get(config.method)
+    if method.posterior:
         if not (run_dir / "posterior.json").exists():
             stage1(config, run_dir, progress)
         if not (run_dir / "mask.json").exists():
-            export(run_dir, config.p, config.threshold)
-    elif config.method in SELECTED and not (run_dir / "mask.json").exists():
+            export(run_dir, config.budget_p(), config.threshold)
+    elif method.select is not None and not (run_dir / "mask.json").exists():
         start = time.perf_counter()
-        mask = select_mask(setup(config))
+        mask = method.select(setup(config), config.options)
         mask.info["seconds"] = time.perf_counter() - start
         mask.save(run_dir)
     return stage2(config, run_dir, progress)

@@ -13,7 +13,7 @@ import torch
 
 from bayestune_pyro.data import infinite_batches
 from bayestune_pyro.inference.potential import Potential
-from bayestune_pyro.inference.vi import elbo_step, make_guide
+from bayestune_pyro.engines.svi import elbo_step, make_guide
 from bayestune_pyro.models.backbones import load_backbone
 from bayestune_pyro.models.gamma_laplace import GammaLaplaceModel
 from bayestune_pyro.models.lifted import LiftedBackbone

@@ -17,12 +17,11 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-import yaml
 
 from bayestune_pyro.config import RunConfig
 from bayestune_pyro.diagnostics.modules import MODULE_TYPES, OTHER, module_type
-from bayestune_pyro.methods import POSTERIOR, SELECTED
-from bayestune_pyro.pipeline import setup
+from bayestune_pyro.registry import METHODS
+from bayestune_pyro.run_setup import setup
 from bayestune_pyro.selection.masks import Mask
 
 TYPES = [kind for kind, _ in MODULE_TYPES] + [OTHER]
@@ -58,11 +57,11 @@ def main() -> None:
     header = "| task | method | " + " | ".join(TYPES) + f" | ∩ {args.reference} | no-data |"
     print(header + "\n" + "|---" * (len(TYPES) + 4) + "|")
     for task_dir in sorted(p for p in (args.bench / "cells").iterdir() if p.is_dir()):
-        masks = {m: Mask.load(task_dir / m / cell) for m in POSTERIOR + SELECTED
+        masks = {m: Mask.load(task_dir / m / cell) for m in METHODS.names()
                  if (task_dir / m / cell / "mask.json").exists() and m != "linear"}
         if not masks:
             continue
-        config = RunConfig.from_dict(yaml.safe_load((task_dir / next(iter(masks)) / cell / "config.yaml").read_text()))
+        config = RunConfig.from_yaml(task_dir / next(iter(masks)) / cell / "config.yaml", strict=False)
         name, unseen = unseen_rows(setup(config))
         reference = masks[args.reference].index if args.reference in masks else None
         for method, mask in masks.items():

@@ -52,6 +52,9 @@ def test_bench_runs_the_grid_resumes_and_guards_its_protocol(tmp_path, capsys):
     capsys.readouterr()
     assert main([*args, "--stage2-steps", "4"]) == 2
     assert "stage2_steps=3" in capsys.readouterr().err
+    assert main([*args, "--lr-lambda", "0.02"]) == 2  # an option of bayestune's: its cells refuse it ...
+    assert "bayestune cells with method.lr_lambda=0.01" in capsys.readouterr().err
+    assert main([*wider, "--lr-lambda", "0.02"]) == 0  # ... and other methods' cells do not depend on it
 
     anatomy = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mask_anatomy.py"), str(out),
                               "--reference", "random"], capture_output=True, text=True, check=True).stdout
@@ -233,8 +236,9 @@ def test_a_per_method_grid_is_chosen_on_validation_and_recorded(tmp_path, capsys
     assert records["bayestune"]["chosen"]["n_hat"] == best["n_hat"]
     assert records["bayestune"]["validation_score"] == best["validation_score"]
     assert "grid" not in records["random"]
-    assert yaml.safe_load((out / "bench.yaml").read_text())["per_method"] == {"bayestune": {"n_hat": [1e6, 1e9]}}
+    methods = yaml.safe_load((out / "bench.yaml").read_text())["methods"]
+    assert methods["bayestune"]["method"]["n_hat"] == [1e6, 1e9] and methods["random"] == {"method": {"name": "random"}}
     assert not list(out.glob("cells/**/posterior.safetensors"))  # heavy files of every grid point are gone
     capsys.readouterr()
     assert main([*args[:-len(TINY)], "--per-method", "bayestune.n_hat=1e7", *TINY]) == 2
-    assert "per_method=" in capsys.readouterr().err
+    assert "bayestune cells with method.n_hat=[1000000.0, 1000000000.0]" in capsys.readouterr().err

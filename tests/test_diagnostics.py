@@ -24,7 +24,7 @@ LAYOUT = Layout.of([("bert.embeddings.word_embeddings.weight", (20, 8)),
                     ("bert.encoder.layer.0.attention.self.query.weight", (8, 8)),
                     ("bert.encoder.layer.0.output.LayerNorm.weight", (8,)),
                     ("bert.encoder.layer.1.intermediate.dense.weight", (16, 8))])
-CONFIG = RunConfig(backbone="tiny-bert", p=0.05, lr=3e-4, gamma=0.5)
+CONFIG = RunConfig.from_dict(dict(backbone="tiny-bert", p=0.05, lr=3e-4, gamma=0.5))
 NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "posterior_diagnostics.ipynb"
 # ArviZ 0.23's plots call a matplotlib helper that matplotlib 3.11 deprecates
 pytestmark = pytest.mark.filterwarnings("ignore:Passing a dict or None as alias_mapping:DeprecationWarning")

@@ -12,8 +12,9 @@ from bayestune_pyro.finetune.dense import DenseFineTuner
 from bayestune_pyro.finetune.lora import LoRATuner, lora_targets, rank_for_budget
 from bayestune_pyro.finetune.stage2 import SparseFineTuner, Stage2Config, Tuner, fit
 from bayestune_pyro.finetune.stochastic import StochasticTuner
-from bayestune_pyro.methods import METHODS, make_tuner, select_mask
-from bayestune_pyro.pipeline import run, setup
+from bayestune_pyro.pipeline import run
+from bayestune_pyro.registry import METHODS
+from bayestune_pyro.run_setup import setup
 from bayestune_pyro.selection import peers
 from bayestune_pyro.selection.masks import Mask, budget
 from bayestune_pyro.selection.stochastic import exponential_race
@@ -23,7 +24,15 @@ TINY = dict(backbone="tiny-bert", shots_per_class=4, max_length=24, batch_size=8
 
 
 def tiny_setup(**changes):
-    return setup(RunConfig(**{**TINY, **changes}).validate())
+    return setup(RunConfig.from_dict({**TINY, **changes}, strict=False))  # TINY holds options of several methods
+
+
+def select_mask(s):
+    return METHODS.get(s.config.method).select(s, s.config.options)
+
+
+def make_tuner(s, mask):
+    return METHODS.get(s.config.method).tuner(s, s.config.options, mask)
 
 
 def steps(tuner: Tuner, s, n: int = 3) -> None:
@@ -77,7 +86,7 @@ def test_bitfit_takes_every_bias_or_the_top_k_biases():
     mask = select_mask(s)  # the budget (⌊0.01·d⌋) exceeds the number of biases: all of them, natural p
     assert mask.k == natural and mask.info["natural_p"] == pytest.approx(natural / s.lifted.d)
     assert all(n.endswith(".bias") for n, c in mask.counts().items() if c)
-    small = dataclasses.replace(s.config, p=0.5 * natural / s.lifted.d)
+    small = s.config.replace(p=0.5 * natural / s.lifted.d)
     s.config = small
     mask = select_mask(s)
     assert mask.k == budget(small.p, s.lifted.d) < natural
@@ -102,7 +111,7 @@ def test_sift_stays_inside_its_modules_and_says_when_they_are_too_small():
     s = tiny_setup(method="sift", sift_modules=["*attention*"], p=0.005)
     mask = select_mask(s)
     assert all("attention" in n for n, c in mask.counts().items() if c)
-    s.config = dataclasses.replace(s.config, sift_modules=["*LayerNorm.bias"])
+    s.config = s.config.replace(sift_modules=["*LayerNorm.bias"])
     with pytest.raises(ValueError, match="sift_modules"):
         select_mask(s)
 
@@ -187,7 +196,7 @@ def test_l1_to_theta_bar_pulls_back_and_leaves_theta_bar_alone():
 
 def test_fit_restores_the_state_with_the_best_validation_score():
     s = tiny_setup()
-    mask = select_mask(dataclasses.replace(s, config=dataclasses.replace(s.config, method="random")))
+    mask = select_mask(dataclasses.replace(s, config=s.config.replace(method="random")))
     tuner = SparseFineTuner(s.lifted, mask.index, s.nll, Stage2Config(steps=6, lr=0.05, eval_every=2))
     scores, seen = iter([0.2, 0.9, 0.4]), []
 
@@ -200,9 +209,9 @@ def test_fit_restores_the_state_with_the_best_validation_score():
     assert torch.equal(tuner.delta, seen[1]) and not torch.equal(seen[1], seen[2])
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS.names())
 def test_every_method_runs_through_the_pipeline(tmp_path, method):
-    config = RunConfig(**{**TINY, "method": method, "validation_fraction": 0.2, "eval_every": 2}).validate()
+    config = RunConfig.from_dict({**TINY, "method": method, "validation_fraction": 0.2, "eval_every": 2}, strict=False)
     metrics = run(config, tmp_path / method, progress=False)
     k = math.floor(config.p * metrics["n_total"])
     assert metrics["method"] == method and metrics["budget"] == k and "validation_best_step" in metrics

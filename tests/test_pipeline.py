@@ -11,10 +11,9 @@ from bayestune_pyro.config import RunConfig
 from bayestune_pyro.finetune.delta import SparseDelta, merge
 from bayestune_pyro.finetune.stage2 import SparseFineTuner
 from bayestune_pyro.inference.posterior import StreamingPosterior
-from bayestune_pyro.inference.potential import Potential
-from bayestune_pyro.inference.runner import CHECKPOINT, StepSizes, run_stage1
-from bayestune_pyro.inference.sgld import SGLDConfig
-from bayestune_pyro.pipeline import setup
+from bayestune_pyro.inference.driver import CHECKPOINT, run_chain
+from bayestune_pyro.registry import ENGINES
+from bayestune_pyro.run_setup import setup
 from bayestune_pyro.selection.masks import Mask
 
 TINY_TEXT = ["--backbone", "tiny-bert", "--shots-per-class", "4", "--max-length", "24", "--steps", "12",
@@ -91,8 +90,8 @@ def test_stages_one_at_a_time(tmp_path, capsys):
 
 
 def test_interrupted_stage1_resumes_to_the_same_posterior(tmp_path):
-    config = RunConfig(backbone="tiny-bert", shots_per_class=4, max_length=24, steps=12, warmup=4, burnin=2, thin=2,
-                       n_tracked=16)
+    config = RunConfig.from_dict(dict(backbone="tiny-bert", shots_per_class=4, max_length=24, steps=12, warmup=4,
+                                      burnin=2, thin=2, n_tracked=16))
 
     def chain(run_dir, stop_after=None):
         s = setup(config)
@@ -105,8 +104,9 @@ def test_interrupted_stage1_resumes_to_the_same_posterior(tmp_path):
                     raise KeyboardInterrupt
                 yield b
 
-        run_stage1(Potential(s.model), limited(), config.schedule(), SGLDConfig(), StepSizes(), post,
-                   checkpoint_dir=run_dir, checkpoint_every=3, progress=False)
+        kernel = ENGINES.get("sgld").kernel(s, config.options, config.engine_options, seed=0)
+        run_chain(kernel, limited(), config.schedule(), post, engine="sgld", checkpoint_dir=run_dir,
+                  checkpoint_every=3, progress=False)
         return post
 
     whole = chain(tmp_path / "a")

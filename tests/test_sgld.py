@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bayestune_pyro.inference.potential import Potential
-from bayestune_pyro.inference.runner import Schedule
+from bayestune_pyro.config import Schedule
 from bayestune_pyro.inference.sgld import SGLD, SGLDConfig
 
 

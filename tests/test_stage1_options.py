@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from bayestune_pyro.bench.harness import _check_protocol
+from bayestune_pyro.bench.harness import _check_protocol, protocol
 from bayestune_pyro.config import RunConfig
 from bayestune_pyro.inference.posterior import StreamingPosterior
 from bayestune_pyro.inference.potential import Potential
@@ -109,8 +109,7 @@ def _rb_check(out, alpha, beta):
 
 
 def test_rao_blackwell_lambda_hat_is_the_mean_of_the_conditional_means(tmp_path):
-    config = RunConfig(**TINY).validate()
-    assert config.estimator() == "rao-blackwell"
+    config = RunConfig.from_dict(TINY)
     run(config, tmp_path / "rb", progress=False)
     post = _rb_check(tmp_path / "rb", config.alpha, config.beta)
     mask = Mask.load(tmp_path / "rb")
@@ -118,7 +117,7 @@ def test_rao_blackwell_lambda_hat_is_the_mean_of_the_conditional_means(tmp_path)
 
 
 def test_gibbs_draws_lambda_from_its_conditional(tmp_path):
-    config = RunConfig(**TINY, gibbs=True).validate()
+    config = RunConfig.from_dict({**TINY, "gibbs": True})
     run(config, tmp_path / "gibbs", progress=False)
     post = _rb_check(tmp_path / "gibbs", config.alpha, config.beta)
     lam = post.trace("lambda")
@@ -129,8 +128,7 @@ def test_gibbs_draws_lambda_from_its_conditional(tmp_path):
 
 
 def test_paper_method_keeps_lambda_linear_and_ranks_by_the_draws(tmp_path):
-    config = RunConfig(**TINY, method="bayestune-paper").validate()
-    assert config.estimator() == "draws"
+    config = RunConfig.from_dict({**TINY, "method": "bayestune-paper"})
     run(config, tmp_path / "paper", progress=False)
     post = StreamingPosterior.load(tmp_path / "paper")
     assert post.estimate == "lambda" and "lambda_rb" not in post.mean
@@ -140,7 +138,7 @@ def test_paper_method_keeps_lambda_linear_and_ranks_by_the_draws(tmp_path):
 
 
 def test_grid_is_chosen_on_the_validation_split(tmp_path):
-    config = RunConfig(**TINY, gamma=[0.0, 1.0], validation_fraction=0.3, eval_every=2).validate()
+    config = RunConfig.from_dict({**TINY, "gamma": [0.0, 1.0], "validation_fraction": 0.3, "eval_every": 2})
     metrics = run(config, tmp_path / "grid", progress=False)
     points = metrics["grid"]
     assert [p["gamma"] for p in points] == [0.0, 1.0]
@@ -158,18 +156,19 @@ def test_grid_is_chosen_on_the_validation_split(tmp_path):
 
 @pytest.mark.parametrize("values, message", [
     (dict(gamma=[1e-4, 1.0]), "validation"),
-    (dict(gamma=[1e-4, 1.0], validation_fraction=0.1, method="sift"), "method 'sift'"),
+    (dict(gamma=[1e-4, 1.0], validation_fraction=0.1, method="sift"), "an option of .* not of method sift"),
     (dict(n_hat=[1e8, -1.0], validation_fraction=0.1), "n_hat: must be a positive number"),
     (dict(gibbs=True, method="bayestune-paper"), "gibbs"),
     (dict(lambda_estimator="median"), "lambda_estimator"),
 ])
 def test_bad_stage1_options_are_named(values, message):
     with pytest.raises(ValueError, match=message):
-        RunConfig(**{**TINY, **values}).validate()
+        RunConfig.from_dict({**TINY, **values})
 
 
 def test_grid_values_come_from_comma_lists():
-    config = RunConfig.from_dict({"gamma": "1e-4,1e-2,1", "n_hat": "1e9", "lr_lambda": [0.01, 0.3]})
+    config = RunConfig.from_dict({"gamma": "1e-4,1e-2,1", "n_hat": "1e9", "lr_lambda": [0.01, 0.3],
+                                  "validation_fraction": 0.1})
     assert config.gamma == [1e-4, 1e-2, 1.0] and config.n_hat == 1e9 and config.lr_lambda == [0.01, 0.3]
     assert len(config.grid()) == 6
     with pytest.raises(ValueError, match="gamma: expected"):
@@ -177,25 +176,30 @@ def test_grid_values_come_from_comma_lists():
 
 
 def test_a_bench_written_before_the_new_options_resumes_with_their_old_values(tmp_path):
-    base = RunConfig(**TINY)
-    old = {k: v for k, v in base.to_dict().items()
-           if k not in ("task", "data_dir", "method", "seed", "data_seed", "p", "threshold", "freeze_preconditioner",
+    """A bench.yaml of an earlier version is one flat record without the options added since; they meant the
+    behaviour of the code at the time (``LEGACY``)."""
+    nested = RunConfig.from_dict(TINY).to_dict()
+    flat = {k: v for k, v in nested.items() if k not in ("method", "engine")}
+    flat.update({k: v for k, v in {**nested["method"], **nested["engine"]}.items() if k != "name"})
+    old = {k: v for k, v in flat.items()
+           if k not in ("task", "data_dir", "seed", "data_seed", "p", "threshold", "freeze_preconditioner",
                         "gibbs", "lambda_estimator", "precond_eps")}
-    (tmp_path / "bench.yaml").write_text(yaml.safe_dump({**old, "per_task": {}}))
-    with pytest.raises(ValueError, match="precond_eps=1e-08"):
-        _check_protocol(base, {}, {}, tmp_path)
-    legacy = RunConfig(**TINY, precond_eps=1e-8, freeze_preconditioner=False, lambda_estimator="draws")
-    _check_protocol(legacy, {}, {}, tmp_path)  # the same protocol: no error
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump({**old, "inference": "sgld", "per_task": {}}))
+    values = {k: v for k, v in TINY.items() if k != "method"}
+    with pytest.raises(ValueError, match="bayestune cells with method.lambda_estimator=.draws. \\(now None\\)"):
+        _check_protocol(protocol(values, {}, {}, ["bayestune"]), tmp_path, ["bayestune"])
+    legacy = {**values, "precond_eps": 1e-8, "freeze_preconditioner": False, "lambda_estimator": "draws"}
+    _check_protocol(protocol(legacy, {}, {}, ["bayestune"]), tmp_path, ["bayestune"])  # the same protocol
 
 
 def test_a_coordinate_without_data_moves_on_the_prior_scale(tmp_path):
     """No loss depends on the embedding rows of unseen tokens. With the preconditioner bounded by ε = 1/(λ₀N̂),
     Langevin moves them by about λ₀ a step; with ε = 1e-8 the first noisy step threw them ~0.1 from θ̄."""
-    from bayestune_pyro.pipeline import setup
+    from bayestune_pyro.run_setup import setup
     from bayestune_pyro.selection.peers import gradient_scores
 
     def no_data_drift(eps):
-        config = RunConfig(**TINY, delta_moments=True, precond_eps=eps).validate()
+        config = RunConfig.from_dict({**TINY, "delta_moments": True, "precond_eps": eps})
         run(config, tmp_path / f"eps{eps}", progress=False)
         s = setup(config)
         batches = len(s.task.train) // config.batch_size + 1
@@ -204,7 +208,7 @@ def test_a_coordinate_without_data_moves_on_the_prior_scale(tmp_path):
         assert untouched.sum() > 1000
         return mean_abs[untouched].max().item()
 
-    assert no_data_drift(None) < 20 * RunConfig.lambda_init
+    assert no_data_drift(None) < 20 * RunConfig.from_dict(TINY).lambda_init
     assert no_data_drift(1e-8) > 0.01
 
 
@@ -213,7 +217,7 @@ def test_diagnostics_judge_the_draws_that_lambda_hat_averages(tmp_path):
     from bayestune_pyro.diagnostics.convergence import assess
     from bayestune_pyro.diagnostics.inference_data import to_inference_data
 
-    config = RunConfig(**TINY).validate()
+    config = RunConfig.from_dict(TINY)
     run(config, tmp_path / "rb", progress=False)
     post = StreamingPosterior.load(tmp_path / "rb")
     idata = to_inference_data(post, config)

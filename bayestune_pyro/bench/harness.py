@@ -27,9 +27,9 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from ..config import RunConfig, coerce
+from ..config import RunConfig, coerce, merge, option_fields, read_yaml_mapping
 from ..io import write_yaml
-from ..methods import METHODS
+from ..registry import METHODS
 from .memory import PeakMemory
 from .table import render
 
@@ -70,10 +70,21 @@ def parse_list(field: str, text: str, allowed: tuple[str, ...] | None = None) ->
     return items
 
 
+def bench_values(args, defaults: dict) -> dict:
+    """The bench's run options: ``defaults``, then --config, then flags; each cell keeps those its method has."""
+    values = dict(defaults)
+    if getattr(args, "config", None):
+        values = merge(values, read_yaml_mapping(args.config))
+    fields = option_fields()
+    values = merge(values, {k: v for k, v in vars(args).items() if k in fields and k not in GRID})
+    RunConfig.from_dict(values, source="option", strict=False)  # every value valid before anything runs
+    return values
+
+
 def parse_overrides(option: str, items: list[str], keys: list[str]) -> dict[str, dict]:
     """``KEY.FIELD=VALUE`` items, KEY a benched task (``per_task``) or method (``per_method``) → {key: {field:
-    value}}, each value converted to the run option's type (a comma list for γ, N̂ or lr_λ is a grid)."""
-    types = {f.name: f.type for f in dataclasses.fields(RunConfig) if f.name not in GRID}
+    value}}, each value converted to the option's type (a comma list for γ, N̂ or lr_λ is a grid)."""
+    fields = {name: hint for name, (_, _, hint) in option_fields().items() if name not in GRID}
     what = option.removeprefix("per_")
     overrides: dict[str, dict] = {}
     for item in items:
@@ -85,10 +96,10 @@ def parse_overrides(option: str, items: list[str], keys: list[str]) -> dict[str,
                              f"{'rte.stage2_steps=300' if what == 'task' else 'bayestune.gamma=1e-4,1e-2,1'})")
         if name not in keys:
             raise ValueError(f"{option}: {what} {name!r} is not benched; choose from: {', '.join(keys)}")
-        if field not in types:
+        if field not in fields:
             raise ValueError(f"{option}: {field!r} is not a per-{what} run option; "
-                             f"choose from: {', '.join(sorted(types))}")
-        overrides.setdefault(name, {})[field] = coerce(field, types[field], value.strip())
+                             f"choose from: {', '.join(sorted(fields))}")
+        overrides.setdefault(name, {})[field] = coerce(field, fields[field], value.strip())
     return overrides
 
 
@@ -117,30 +128,64 @@ def _append(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _check_protocol(base: RunConfig, per_task: dict[str, dict], per_method: dict[str, dict], out: Path) -> None:
-    protocol = {k: v for k, v in base.to_dict().items() if k not in GRID}
-    protocol.update(per_task=per_task, per_method=per_method)
+def protocol(values: dict, per_task: dict[str, dict], per_method: dict[str, dict], methods: list[str]) -> dict:
+    """What every cell shares (the common options and ``per_task``), plus each method's own configuration: its
+    options, its engine's and any common option it overrides. A method's change leaves other methods' cells valid."""
+    common = RunConfig.from_dict(values, strict=False).to_dict()
+    record = {k: v for k, v in common.items() if k in RunConfig.COMMON and k not in GRID + ("inference",)}
+    record["per_task"] = per_task
+    record["methods"] = {}
+    for method in methods:
+        overrides = per_method.get(method, {})
+        config = RunConfig.from_dict(merge(values, {**overrides, "method": method}), strict=False).to_dict()
+        own = {k: config[k] for k in ("method", "engine") if k in config}
+        own.update({k: v for k, v in overrides.items() if k in RunConfig.COMMON})
+        record["methods"][method] = own
+    return record
+
+
+def _check_protocol(new: dict, out: Path, methods: list[str]) -> None:
     path = out / "bench.yaml"
-    if path.exists():
-        old = {**LEGACY, **(yaml.safe_load(path.read_text()) or {})}
-        changed = [k for k in protocol if old.get(k) != protocol[k]]
-        if changed:
-            k = changed[0]
-            raise ValueError(f"out: {str(out)!r} holds a bench with {k}={old.get(k)!r} (now {protocol[k]!r}); "
+    if not path.exists():
+        write_yaml(path, new)
+        return
+    old = yaml.safe_load(path.read_text()) or {}
+    if "methods" not in old:  # a bench.yaml written before methods had their own configurations: all flat
+        old = {**LEGACY, **old}
+        flat = {k: v for k, v in old.items() if k not in ("per_task", "per_method")}
+        old = protocol(flat, old.get("per_task", {}), old.get("per_method", {}), methods)
+    for key in new:
+        if key != "methods" and old.get(key) != new[key]:
+            raise ValueError(f"out: {str(out)!r} holds a bench with {key}={old.get(key)!r} (now {new[key]!r}); "
                              "choose another --out or pass the same options")
-    else:
-        write_yaml(path, protocol)
+    for method, own in new["methods"].items():
+        if method in old["methods"] and old["methods"][method] != own:
+            changed = _first_difference(old["methods"][method], own)
+            raise ValueError(f"out: {str(out)!r} holds {method} cells with {changed}; choose another --out or pass "
+                             "the same options")
+    if any(m not in old["methods"] for m in new["methods"]) and "methods" in (yaml.safe_load(path.read_text()) or {}):
+        write_yaml(path, {**old, "methods": {**old["methods"], **new["methods"]}})
 
 
-def run_bench(base: RunConfig, tasks: list[str], methods: list[str], budgets: list[float], seeds: list[int],
+def _first_difference(old: dict, new: dict) -> str:
+    for key in dict.fromkeys([*old, *new]):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and a != b:
+            return f"{key}.{_first_difference(a, b)}"
+        if a != b:
+            return f"{key}={a!r} (now {b!r})"
+    return "the same options"
+
+
+def run_bench(base: dict, tasks: list[str], methods: list[str], budgets: list[float], seeds: list[int],
               data_root: str | None, out: str | os.PathLike, progress: bool = True,
               per_task: dict[str, dict] | None = None, per_method: dict[str, dict] | None = None) -> list[dict]:
-    """Run every missing cell of the grid (``per_task`` / ``per_method``: run options for one task's or one
-    method's cells, as :func:`parse_overrides` returns; a task's win); returns all records of ``OUT/cells.jsonl``."""
+    """Run every missing cell of the grid. ``base``: run options (flat, as :func:`bench_values` returns; each cell
+    keeps those of its method and engine); ``per_task`` / ``per_method``: options for one task's or one method's
+    cells, as :func:`parse_overrides` returns (a task's win); returns all records of ``OUT/cells.jsonl``."""
     per_task, per_method = per_task or {}, per_method or {}
     for method in methods:
-        if method not in METHODS:
-            raise ValueError(f"methods: unknown value {method!r}; choose from: {', '.join(METHODS)}")
+        METHODS.get(method)  # a one-line error for an unknown method
     out = Path(out)
     jsonl = out / "cells.jsonl"
     done = {(r["task"], r["method"], r["seed"], r["p"]) for r in read_records(jsonl)}
@@ -154,7 +199,7 @@ def run_bench(base: RunConfig, tasks: list[str], methods: list[str], budgets: li
     for config in {c.task: c for c in configs}.values():  # every task's files readable before the first cell
         load_task(config.task, config.data_dir, seed=0)
     out.mkdir(parents=True, exist_ok=True)  # only now: bad input leaves no bench directory behind
-    _check_protocol(base, per_task, per_method, out)
+    _check_protocol(protocol(base, per_task, per_method, methods), out, methods)
     bar = tqdm(list(zip(todo, configs)), desc="bench", disable=not progress, dynamic_ncols=True)
     for cell, config in bar:
         bar.set_postfix(task=cell.task, method=cell.method, seed=cell.seed)
@@ -188,8 +233,9 @@ def run_bench(base: RunConfig, tasks: list[str], methods: list[str], budgets: li
     return records
 
 
-def _cell_config(base: RunConfig, cell: Cell, data_root: str | None, overrides: dict) -> RunConfig:
-    values = {**base.to_dict(), **overrides, "task": cell.task, "method": cell.method, "seed": cell.seed,
-              "data_seed": cell.seed, "p": cell.p, "threshold": None,
-              "data_dir": data_root if data_root is not None else base.data_dir}
-    return RunConfig.from_dict(values).validate()
+def _cell_config(base: dict, cell: Cell, data_root: str | None, overrides: dict) -> RunConfig:
+    cell_values = {**overrides, "method": cell.method, "task": cell.task, "seed": cell.seed, "data_seed": cell.seed,
+                   "p": cell.p, "threshold": None}
+    if data_root is not None:
+        cell_values["data_dir"] = data_root
+    return RunConfig.from_dict(merge(base, cell_values), strict=False)

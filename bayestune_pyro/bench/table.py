@@ -10,7 +10,7 @@ from collections import defaultdict
 import numpy as np
 
 from ..io import atomic_path
-from ..methods import METHODS
+from ..registry import METHODS
 
 METRIC_NAMES = {"mcc": "MCC", "accuracy": "acc.", "f1": "F1", "pearson_spearman": "Pearson/Spearman"}
 RESAMPLES = 10_000
@@ -59,7 +59,7 @@ def summarise(records: list[dict], tasks_order: list[str] | None = None, referen
                 scores[(r["method"], r["task"])][r["seed"]] = 100 * r["score"]
                 for key in ("n_updated", "seconds", "peak_mb"):
                     info[r["method"]][key].append(r[key])
-        methods = [m for m in METHODS if any((m, t) in scores for t in tasks)]
+        methods = [m for m in METHODS.names() if any((m, t) in scores for t in tasks)]
         averages = {m: statistics.fmean(statistics.fmean(scores[(m, t)].values()) for t in tasks)
                     for m in methods if all((m, t) in scores for t in tasks)}
         ranked = sorted(averages, key=averages.get, reverse=True)

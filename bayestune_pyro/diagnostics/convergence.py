@@ -94,7 +94,7 @@ def assess(idata: az.InferenceData) -> Convergence:
               "ess_tail": float((lam["ess_tail"] >= ESS_MIN).mean())}
     warnings = []
     inference = idata.attrs.get("inference", "sgld")
-    if inference != "sgld":
+    if idata.attrs.get("engine_kind", "sampler" if inference == "sgld" else "point") != "sampler":
         warnings.append(f"inference={inference}: the draws do not come from a sampler, so R-hat and ESS describe "
                         "the optimiser or the variational guide, not posterior mixing")
     if chains == 1:

@@ -4,7 +4,6 @@
 - ``trace_plot`` / ``rank_plot``: ArviZ trace and rank plots of log λ at a few tracked coordinates;
 - ``diagnostic_histograms``: R-hat, bulk and tail ESS of all tracked coordinates against their thresholds;
 - ``mask_shares``: the share of each module type's and each layer's parameters in the mask (the paper's Figs. 6–38);
-- ``sweep_plot``: a stage-2 metric against p, from the {p, metric} rows of ``sweep.json``.
 """
 from __future__ import annotations
 
@@ -134,15 +133,3 @@ def _bars(ax, labels, group: xr.Dataset) -> None:
     bars = ax.bar(labels, share, color="tab:blue")
     ax.bar_label(bars, labels=[f"{int(k):,}" for k in group["in_mask"].values], fontsize=7)
     ax.margins(y=0.15)
-
-
-def sweep_plot(rows: list[dict]) -> Figure:
-    """The stage-2 metric against p (log axis), from ``sweep.json``'s rows ``{"p": …, "metric": …}``."""
-    rows = sorted(rows, key=lambda r: r["p"])
-    fig = new_figure(6.5, 3.6)
-    ax = fig.add_subplot()
-    ax.semilogx([r["p"] for r in rows], [r["metric"] for r in rows], "o-", color="tab:blue")
-    ax.set(title="Stage-2 metric against the sparsity level p", xlabel="p (share of coordinates fine-tuned)",
-           ylabel="test metric")
-    ax.grid(True, alpha=0.3)
-    return fig

@@ -6,7 +6,7 @@
   carries ``flat_index``, its index into θ.
 - ``sample_stats``: ``log_joint`` (log p(θ, λ, B) on the N̂ scale), ``potential`` (−log_joint), ``loss`` (the
   minibatch mean NLL), ``step_size`` (lr) and ``temperature`` (γ²; 0 for MAP, NaN for VI).
-- ``attrs``: the run configuration, the λ̂ estimator and the posterior's d and draw counts, as netCDF-safe
+- ``attrs``: the run configuration, the engine and its kind (``sampler``, ``point``, ...), the λ̂ estimator and the posterior's d and draw counts, as netCDF-safe
   strings and numbers.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ from ..inference.posterior import StreamingPosterior
 from ..io import atomic_path
 from ..models.lambda_conditional import LambdaConditional
 from ..models.lifted import Layout
+from ..registry import ENGINES
 
 TRACE_FILE = "trace.nc"
 
@@ -41,8 +42,8 @@ def netcdf_attrs(values: dict) -> dict:
 
 
 def temperature(config: RunConfig) -> float:
-    """γ² of the SGLD kernel; 0 for MAP, undefined (NaN) for variational inference."""
-    return {"sgld": config.gamma ** 2, "map": 0.0}.get(config.inference, float("nan"))
+    """γ² of a sampler, 0 for a point estimate, undefined (NaN) for a variational fit or a heuristic."""
+    return ENGINES.get(config.inference).temperature(config.engine_options)
 
 
 def lambda_variable(idata: az.InferenceData) -> str:
@@ -70,8 +71,8 @@ def to_inference_data(posterior: StreamingPosterior, config: RunConfig) -> az.In
                       "temperature": np.full_like(log_joint, temperature(config))},
         coords={"coordinate": coordinate_labels(posterior.layout, index)},
         dims={name: ["coordinate"] for name in variables},
-        attrs=netcdf_attrs({**config.to_dict(), "estimator": posterior.estimator, "chains": posterior.chains,
-                            "d": posterior.d, "counts": posterior.counts}),
+        attrs=netcdf_attrs({**config.flat(), "engine_kind": ENGINES.get(config.inference).kind, "estimator": posterior.estimator,
+                            "chains": posterior.chains, "d": posterior.d, "counts": posterior.counts}),
     )
     idata.posterior.coords["flat_index"] = ("coordinate", index.numpy())
     return idata

@@ -10,7 +10,6 @@ Mask stability is the mean Jaccard overlap of the chains' top-p sets: ≥ 0.8 ok
 from __future__ import annotations
 
 import base64
-import dataclasses
 import html
 import math
 import os
@@ -18,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from ..config import RunConfig
 from ..inference.posterior import StreamingPosterior
@@ -75,9 +73,9 @@ def load_run(run_dir: str | os.PathLike) -> tuple[StreamingPosterior, RunConfig]
     missing = [f for f in ("config.yaml", "posterior.json", "posterior.safetensors") if not (run_dir / f).is_file()]
     if missing:
         raise ValueError(f"run: {str(run_dir)!r} has no {missing[0]} (not a run directory with a stage-1 posterior)")
-    config = RunConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+    config = RunConfig.from_yaml(run_dir / "config.yaml", strict=False)
     if len(config.grid()) > 1:
-        config = dataclasses.replace(config, **read_json(run_dir / "metrics.json")["chosen"])
+        config = config.replace(**read_json(run_dir / "metrics.json")["chosen"])
     return StreamingPosterior.load(run_dir), config
 
 
@@ -99,7 +97,7 @@ def _page(run_dir: Path, posterior: StreamingPosterior, config: RunConfig, idata
     if (run_dir / "mask.json").is_file():
         mask, mask_source = Mask.load(run_dir), "mask.json"
     else:
-        mask, mask_source = select(posterior, config.p, config.threshold), "config.yaml (not exported yet)"
+        mask, mask_source = select(posterior, config.budget_p(), config.threshold), "config.yaml (not exported yet)"
     mean, var = posterior.pooled(posterior.estimate)
     lambda_th = mask.threshold if mask.threshold is not None else (float(mean[mask.index].min()) if mask.k else None)
     curve = Curve.of(mean)
@@ -110,7 +108,6 @@ def _page(run_dir: Path, posterior: StreamingPosterior, config: RunConfig, idata
     agreement = chain_agreement(posterior, mask.p) if posterior.chains > 1 and mask.k else None
     tensors = tensor_summary(posterior, mask)
     metrics = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else None
-    sweep = read_json(run_dir / "sweep.json") if (run_dir / "sweep.json").is_file() else None
 
     verdict = [("Mixing", convergence.status, convergence.verdict), _stability(agreement)]
     selection_rows = {"source": mask_source, "selection": mask.info.get("selection", "p" if mask.threshold is None
@@ -180,8 +177,6 @@ def _page(run_dir: Path, posterior: StreamingPosterior, config: RunConfig, idata
                  "coordinates (pooled over chains).</p><details><summary>Table (one row per parameter tensor)</summary>"
                  + _table(tensors.to_dataframe()) + "</details>")
     parts.append("<h2>Stage 2</h2>" + (_grid(_flat(metrics)) if metrics else "<p>Not run yet (no metrics.json).</p>"))
-    if sweep:
-        parts.append(_figure(figures.sweep_plot(sweep)))
     parts.append("<h2>Configuration</h2>" + _grid(config.to_dict()))
     return ("<!doctype html><html lang='en'><head><meta charset='utf-8'><title>BayesTune diagnostics: "
             f"{html.escape(run_dir.name)}</title><style>{CSS}</style></head><body><main>"

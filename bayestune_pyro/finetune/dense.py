@@ -43,7 +43,3 @@ class DenseFineTuner(Tuner):
     @torch.no_grad()
     def load_trained(self, state: dict[str, torch.Tensor]) -> None:
         self.theta.copy_(state["theta"])
-
-    def release(self) -> None:
-        """Point the module back at θ̄ (frozen)."""
-        self.lifted.unbind()

@@ -61,6 +61,19 @@ class Tuner:
     def load_trained(self, state: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
 
+    def n_changed(self) -> int | None:
+        """How many coordinates left θ̄, where that differs from ``n_updated`` (None otherwise)."""
+        return None
+
+    def sparse_delta(self, backbone: str, num_labels: int, seed: int, pretrained: bool) -> SparseDelta | None:
+        """The fine-tuned model as a sparse delta over θ̄ (None for tuners that train outside a fixed mask)."""
+        return None
+
+    def release(self) -> None:
+        """Point the module's covered parameters back at θ̄, frozen (what the tuner trained stays in it)."""
+        if self.lifted.bound is not None:
+            self.lifted.unbind()
+
     def step(self, batch: dict) -> torch.Tensor:
         loss = self.loss_fn(self.forward(batch), batch["labels"])
         loss.backward()
@@ -151,6 +164,7 @@ class SparseFineTuner(Tuner):
         layout, lifted = self.lifted.layout, self.lifted
         self.work = lifted.theta_bar.clone()
         self.delta.grad = torch.zeros_like(self.delta)
+        self.hooks = []
         bounds = torch.tensor(layout.offsets + (layout.d,), device=self.device)
         cuts = torch.searchsorted(self.index, bounds).tolist()
         for i, (param, view) in enumerate(zip(lifted.covered_parameters(), layout.split(self.work).values())):
@@ -159,7 +173,7 @@ class SparseFineTuner(Tuner):
             param.requires_grad_(hi > lo)  # no masked coordinate: no gradient computed at all
             if hi > lo:
                 local = self.index[lo:hi] - layout.offsets[i]
-                param.register_post_accumulate_grad_hook(self._gather(local, lo, hi))
+                self.hooks.append(param.register_post_accumulate_grad_hook(self._gather(local, lo, hi)))
 
     def _gather(self, local: torch.Tensor, lo: int, hi: int):
         def hook(param: torch.Tensor) -> None:
@@ -187,6 +201,14 @@ class SparseFineTuner(Tuner):
         self.delta.copy_(state["delta"])
         if self.backward == "hooks":
             self._write_work()
+
+    @torch.no_grad()
+    def release(self) -> None:
+        if self.backward == "hooks":
+            for hook in self.hooks:
+                hook.remove()
+            self.hooks = []
+            self.lifted.unbind()
 
     def sparse_delta(self, backbone: str, num_labels: int, seed: int, pretrained: bool) -> SparseDelta:
         named = dict(self.lifted.model.named_parameters())

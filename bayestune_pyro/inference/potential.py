@@ -81,6 +81,10 @@ class Potential:
         with pyro.validation_enabled(False):
             return poutine.trace(poutine.condition(self.model, data=values)).get_trace(batch)
 
+    def nll(self, z: dict[str, torch.Tensor], batch: dict) -> torch.Tensor:
+        """The minibatch mean NLL at z, from the Pyro trace."""
+        return self._nll(self.trace(z, batch))
+
     def _nll(self, tr) -> torch.Tensor:
         return -tr.log_prob_sum(lambda name, site: name not in LATENT_SITES) / self.model.n_hat
 

@@ -7,7 +7,7 @@ negative log prior. With the paper's step η = 2·lr/N̂, eq. 5  z ← z + (η/2
     rmsprop  v ← ρ·v + (1−ρ)·ĝ²,  G = 1/(√(v/(1−ρᵗ)) + ε),  z ← z − lr·G·ĝ + γ·√(2·lr·G/N̂)·ξ     (pSGLD, no Γ term)
     adam     g̃ = ĝ + γ·√(2/(lr·N̂))·ξ, then an Adam step on g̃   (the original code; *not* a valid sampler)
 
-After :meth:`SGLD.freeze` (the runner calls it when sampling starts, if ``freeze_preconditioner``) G stops
+After :meth:`SGLD.freeze` (the sgld engine calls it when sampling starts, if ``freeze_preconditioner``) G stops
 adapting: the kernel is then exact SGLD with a constant preconditioner, and no Γ term is dropped.
 
 ξ ~ N(0, I); γ is the noise discount (temperature T = γ²; γ = 0 is MAP/optimisation). Each site has its own lr
@@ -99,13 +99,7 @@ class SGLD:
             if xi is not None:
                 z.add_(xi, alpha=gamma * math.sqrt(2.0 * lr / cfg.n_hat))
         elif cfg.preconditioner == "rmsprop":
-            if frozen_at is None:
-                s["v"].mul_(cfg.rho).addcmul_(g, g, value=1.0 - cfg.rho)
-            else:
-                t = frozen_at
-            # G = 1/(√(v/c) + ε) = √c / (√v + ε√c): the bias correction c = 1 − ρᵗ folds into the scalars
-            root_c = math.sqrt(1.0 - cfg.rho**t)
-            precond = torch.sqrt(s["v"], out=work).add_(cfg.eps * root_c).reciprocal_()  # G / √c
+            precond, root_c = self.rmsprop(g, s, t, work, frozen_at)
             z.addcmul_(precond, g, value=-lr * root_c)
             if xi is not None:
                 z.addcmul_(precond.sqrt_(), xi, value=gamma * math.sqrt(2.0 * lr * root_c / cfg.n_hat))
@@ -118,6 +112,19 @@ class SGLD:
             root_c2 = math.sqrt(1.0 - b2**t)
             denom = torch.sqrt(s["v"], out=work).add_(cfg.eps * root_c2)  # (√(v/c₂) + ε)·√c₂
             z.addcdiv_(s["m"], denom, value=-lr * root_c2 / (1.0 - b1**t))
+
+    def rmsprop(self, g, s, t: int, work, frozen_at: int | None) -> tuple[torch.Tensor, float]:
+        """(G/√c in ``work``, √c) of the rmsprop preconditioner, its second moment v advanced unless frozen.
+
+        G = 1/(√(v/c) + ε) = √c / (√v + ε√c): the bias correction c = 1 − ρᵗ folds into the scalars.
+        """
+        cfg = self.config
+        if frozen_at is None:
+            s["v"].mul_(cfg.rho).addcmul_(g, g, value=1.0 - cfg.rho)
+        else:
+            t = frozen_at
+        root_c = math.sqrt(1.0 - cfg.rho**t)
+        return torch.sqrt(s["v"], out=work).add_(cfg.eps * root_c).reciprocal_(), root_c
 
     def state_dict(self) -> dict:
         return {"steps": dict(self.steps), "frozen_at": dict(self.frozen_at), "state": self.state,

@@ -1,0 +1,80 @@
+"""``Setup``: everything a stage needs (task, lifted backbone, model, batches, budget), built from a RunConfig."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import RunConfig
+from .data import TaskData, infinite_batches, load_task, make_loader
+from .finetune.evaluate import evaluate
+from .finetune.stage2 import Stage2Config
+from .models.backbones import load_backbone
+from .models.gamma_laplace import GammaLaplaceModel
+from .models.lifted import LiftedBackbone
+from .models.search_space import SearchSpace
+from .selection.masks import budget
+
+
+@dataclass
+class Setup:
+    """The run's task, its lifted backbone and the Gamma–Laplace model over it."""
+
+    config: RunConfig
+    task: TaskData
+    lifted: LiftedBackbone
+    model: GammaLaplaceModel
+
+    @property
+    def k(self) -> int:
+        """The budget k = ⌊p·d⌋ (0 when a threshold replaces p)."""
+        p = self.config.budget_p()
+        return budget(p, self.lifted.d) if p is not None else 0
+
+    def stage2_config(self) -> Stage2Config:
+        c = self.config
+        return Stage2Config(c.stage2_steps, c.stage2_lr, c.stage2_head_lr or c.head_lr, c.weight_decay,
+                            eval_every=c.eval_every)
+
+    def train_batches(self, seed: int | None = None):
+        """Shuffled training batches, epoch after epoch (order seeded by ``seed``, default the run's seed)."""
+        loader = make_loader(self.task.train, self.lifted.backbone.tokenizer, batch_size=self.config.batch_size,
+                             max_length=self.config.max_length, shuffle=True,
+                             seed=self.config.seed if seed is None else seed,
+                             regression=self.task.spec.is_regression)
+        return infinite_batches(loader)
+
+    def test_loader(self):
+        return self._eval_loader(self.task.test)
+
+    def _eval_loader(self, examples):
+        return make_loader(examples, self.lifted.backbone.tokenizer, batch_size=self.config.eval_batch_size,
+                           max_length=self.config.max_length, shuffle=False,
+                           regression=self.task.spec.is_regression)
+
+    def validator(self):
+        """forward → the task metric on the validation split (None without one), for stage-2 model selection."""
+        if not self.task.validation:
+            return None
+        loader, spec, device = self._eval_loader(self.task.validation), self.task.spec, self.lifted.theta_bar.device
+        return lambda forward: evaluate(forward, loader, spec, device)[spec.metric]
+
+    def nll(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean negative log-likelihood of a batch: the stage-2 loss, the same p(y|·) as stage 1."""
+        return -self.model.observation(out).log_prob(labels).mean()
+
+
+def setup(config: RunConfig) -> Setup:
+    """Load the task and a fresh backbone (same seed → same head initialisation), lift it and build the model.
+
+    Methods without a posterior get the model too, for its likelihood p(y|·) (their loss).
+    """
+    task = load_task(config.task, config.data_dir, seed=config.data_seed, train_size=config.train_size,
+                     validation_fraction=config.validation_fraction, shots_per_class=config.shots_per_class)
+    backbone = load_backbone(config.backbone, task.spec.num_labels, pretrained=config.pretrained, seed=config.seed,
+                             target_mean=task.target_mean)
+    lifted = LiftedBackbone(backbone, SearchSpace(tuple(config.include), tuple(config.exclude)), config.device)
+    likelihood = "normal" if task.spec.is_regression else "categorical"
+    prior = {name: getattr(config.options, name) for name in ("alpha", "beta", "n_hat") if hasattr(config.options, name)}
+    model = GammaLaplaceModel(lifted, likelihood=likelihood, sigma=config.sigma, **prior)
+    return Setup(config, task, lifted, model)
