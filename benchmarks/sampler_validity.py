@@ -1,4 +1,4 @@
-"""Does the SGLD kernel sample the right posterior? Checks against NUTS and against closed forms.
+"""Do the SGLD and SGHMC kernels sample the right posterior? Checks against NUTS and against closed forms.
 
     python benchmarks/sampler_validity.py [--quick] [--only logistic|separable] [--seed S]
 
@@ -17,8 +17,9 @@ The logistic toy (``bayestune_pyro/testing/toy.py``): d = 12 weights (3 nonzero)
 - <run>.sd_rel_err_max               max |sd / sd_NUTS − 1| ≤ 0.2
 - <run>.diagnostics                  report: max |Δmean| / sd_NUTS, sd ratio range, the run's own R-hat and ESS,
                                      top-3 λ̂, seconds
-  for <run> = sgld.full, sgld.minibatch (plain SGLD, |B| = 50) and psgld.full, psgld.minibatch (rmsprop at the
-  default ρ = 0.9999, with the longer burn-in that slow preconditioner needs)
+  for <run> = sgld.full, sgld.minibatch (plain SGLD, |B| = 50), psgld.full, psgld.minibatch (rmsprop at the
+  default ρ = 0.9999, with the longer burn-in that slow preconditioner needs) and sghmc.full, sghmc.minibatch
+  (the sghmc engine's update, friction α = 0.2, no preconditioner)
 - psgld.full.rho_0.999               report: pSGLD with a faster preconditioner. pSGLD drops the Γ term, so the
                                      fluctuations of G bias it, by ~0.05–0.1 sd in some means at ρ = 0.999 (3–4
                                      MCSE at this precision), twice that at ρ = 0.99; hence the default 0.9999
@@ -80,6 +81,9 @@ from bayestune_pyro.testing import separable
 N = 200
 # plain SGLD: lr = ε·N̂/2, ε the Langevin step on U; w is the stiffest site (the Laplace kink at scale λ)
 SGLD_LRS = {k: eps * N / 2 for k, eps in {"theta": 1e-4, "lambda": 5e-3, "b": 4e-4}.items()}
+# SGHMC at friction α: lr = α·(SGLD's lr), the same drift per unit of momentum decay
+SGHMC_FRICTION = 0.2
+SGHMC_LRS = {k: SGHMC_FRICTION * v for k, v in SGLD_LRS.items()}
 # pSGLD: G ≈ N̂/√(∂²U), so ε ≈ 2·lr/√(∂²U)
 PSGLD_LRS = {"theta": 2e-3, "lambda": 8e-3, "b": 2e-3}
 
@@ -230,6 +234,9 @@ def logistic_checks(report: Report, plan: dict) -> None:
         runs = {f"{'sgld' if kernel == 'none' else 'psgld'}.{mode}": sgld_run(
                     data, kernel, plan[kernel], lrs[kernel], alpha=2.0, beta=20.0, batch_size=size)
                 for kernel in ("none", "rmsprop") for mode, size in (("full", None), ("minibatch", 50))}
+        runs.update({f"sghmc.{mode}": sgld_run(data, "none", plan["none"], SGHMC_LRS, alpha=2.0, beta=20.0,
+                                                batch_size=size, friction=SGHMC_FRICTION)
+                     for mode, size in (("full", None), ("minibatch", 50))})
         fast = sgld_run(data, "rmsprop", plan["fast_rmsprop"], PSGLD_LRS, alpha=2.0, beta=20.0, rho=0.999)
         adam = {f"adam.lr_x{scale}": sgld_run(data, "adam", plan["adam"], {k: scale * v for k, v in PSGLD_LRS.items()},
                                                 alpha=2.0, beta=20.0)

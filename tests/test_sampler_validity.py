@@ -1,4 +1,4 @@
-"""Fast versions of ``benchmarks/sampler_validity.py``: the SGLD kernel samples the right posterior.
+"""Fast versions of ``benchmarks/sampler_validity.py``: the SGLD and SGHMC kernels sample the right posterior.
 
 The logistic toy (α = 2, β = 20, N̂ = N, through the product path) against NUTS, a deliberately wrong temperature
 that must be caught, and the γ² and 1/N̂ scaling of the variance on a Gaussian with a closed-form posterior.
@@ -21,6 +21,8 @@ RUNS = {
     # pSGLD burns in longer: its slow preconditioner (default ρ = 0.9999) must forget the dispersed start
     "psgld": dict(preconditioner="rmsprop", lrs={"theta": 4e-3, "lambda": 1.6e-2, "b": 4e-3}, steps=4000, burnin=2000),
     "sgld_gamma_half": {**PLAIN, "gamma": 0.5, "steps": 2500, "burnin": 1000},  # tempered: the wrong posterior
+    # SGHMC at friction α takes lr = α·(SGLD's lr): the same drift per unit of momentum decay
+    "sghmc": {**PLAIN, "friction": 0.2, "lrs": {k: 0.2 * v for k, v in PLAIN["lrs"].items()}},
 }
 
 
@@ -47,7 +49,7 @@ def test_nuts_reference_is_trustworthy(draws):
     assert toy.diagnostics(toy.summary(reference))["rhat_max"] <= 1.02
 
 
-@pytest.mark.parametrize("name", ["sgld", "sgld_minibatch", "psgld"])
+@pytest.mark.parametrize("name", ["sgld", "sgld_minibatch", "psgld", "sghmc"])
 def test_sgld_matches_nuts(draws, name):
     (reference, _), sgld = draws
     stats = toy.agreement(sgld[name], reference)

@@ -1,4 +1,4 @@
-"""Toy posteriors that show the SGLD kernel samples what it should (``benchmarks/sampler_validity.py``).
+"""Toy posteriors that show the SGLD and SGHMC kernels sample what they should (``benchmarks/sampler_validity.py``).
 
 - *Logistic*: BayesTune's model on a small logistic regression: λ_i ~ Gamma(α, β), w_i ~ Laplace(θ̄_i = 0, λ_i),
   an intercept b (the head) with a flat prior, y ~ Bernoulli(σ(x·w + b)). SGLD runs through the product path
@@ -27,6 +27,7 @@ from ..models.backbones import Backbone
 from ..models.gamma_laplace import GammaLaplaceModel
 from ..models.lifted import LiftedBackbone
 from ..inference.potential import Potential
+from ..engines.sghmc import SGHMC
 from ..inference.sgld import SGLD, SGLDConfig
 
 
@@ -64,10 +65,11 @@ class Logistic(nn.Module):
 
 def sgld_logistic(data: dict, *, alpha: float, beta: float, lrs: dict[str, float], steps: int, burnin: int,
                   thin: int, chains: int, batch_size: int | None = None, seed: int = 0,
-                  **kernel) -> dict[str, np.ndarray]:
+                  friction: float | None = None, **kernel) -> dict[str, np.ndarray]:
     """SGLD draws {"w", "lambda", "b"} of the logistic toy with N̂ = N, through the product path.
 
-    ``kernel`` holds :class:`SGLDConfig` fields (preconditioner, gamma, rho, ...); ``lrs`` one lr per site:
+    ``kernel`` holds :class:`SGLDConfig` fields (preconditioner, gamma, rho, ...); with ``friction`` the update
+    is SGHMC's (``engines.sghmc``) instead of SGLD's. ``lrs`` one lr per site:
     "theta" (w), "lambda" (log λ) and "b". b is sampled too, under its flat prior: its ``.grad``, the gradient
     of the mean NLL, is its ∇(U/N̂). The chains are vectorised: chain c owns row c of w, b and λ, the likelihood
     factorises over chains, and the kernel's noise is independent per coordinate. With ``batch_size`` every
@@ -85,7 +87,8 @@ def sgld_logistic(data: dict, *, alpha: float, beta: float, lrs: dict[str, float
         z["lambda"].add_(torch.randn(z["lambda"].shape, generator=g))
         head.add_(torch.randn(head.shape, generator=g), alpha=0.5)
     sites = {**z, "b": head.data}
-    sampler = SGLD(SGLDConfig(n_hat=n, **kernel), sites, g)
+    config = SGLDConfig(n_hat=n, **kernel)
+    sampler = SGLD(config, sites, g) if friction is None else SGHMC(config, sites, g, friction=friction)
     batch, draws = data, []
     for t in range(steps):
         if batch_size is not None:
