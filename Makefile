@@ -20,6 +20,7 @@ run: $(STAMP)
 	$(VENV)/bin/bayestune run --out $(OUT) --overwrite
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 clean:

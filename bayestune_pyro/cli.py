@@ -37,7 +37,7 @@ def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] =
         if name in skip:
             continue
         if owner not in groups:
-            title = "run configuration" if owner == "run" else f"options of {owner} (and of any part with the same name)"
+            title = "run configuration" if owner == "run" else f"options of {owner} (and of parts with the same name)"
             groups[owner] = parser.add_argument_group(title)
         group = groups[owner]
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

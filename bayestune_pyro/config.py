@@ -104,7 +104,7 @@ class Options:
         """Raise a one-line ``ValueError`` for a bad value."""
 
     @classmethod
-    def from_values(cls, values: dict, owner: str) -> "Options":
+    def from_values(cls, values: dict, owner: str) -> Options:
         known, hints = fields_of(cls), _hints(cls)
         for name in values:
             if name not in known:
@@ -287,7 +287,7 @@ class RunConfig:
 
     # --- conversion
 
-    def replace(self, **values) -> "RunConfig":
+    def replace(self, **values) -> RunConfig:
         """A copy with fields or part options (flat names) changed, validated."""
         return RunConfig.from_dict(merge(self.to_dict(), values))
 
@@ -307,7 +307,7 @@ class RunConfig:
         return out
 
     @classmethod
-    def from_dict(cls, values: dict, source: str = "config", strict: bool = True) -> "RunConfig":
+    def from_dict(cls, values: dict, source: str = "config", strict: bool = True) -> RunConfig:
         """From nested or flat keys (see the module docstring); ``strict=False`` drops other parts' keys."""
         values = {k.replace("-", "_"): v for k, v in values.items()}
         method_block, engine_block = values.pop("method", "bayestune"), values.pop("engine", None)
@@ -360,7 +360,7 @@ class RunConfig:
                    if engine is not None and engine.options else None)
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike, strict: bool = True) -> "RunConfig":
+    def from_yaml(cls, path: str | os.PathLike, strict: bool = True) -> RunConfig:
         return cls.from_dict(read_yaml_mapping(path), source=f"config {Path(path).name}", strict=strict)
 
 

@@ -72,7 +72,8 @@ def stage1(config: RunConfig, run_dir: str | os.PathLike, progress: bool = True)
 
 
 def merge_chains(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> StreamingPosterior:
-    """Pool the stage-1 posteriors of separately run chains (same backbone, search space and tracked set) into ``out``."""
+    """Pool the stage-1 posteriors of separately run chains (same backbone, search space and tracked set) into
+    ``out``."""
     if len(run_dirs) < 2:
         raise ValueError(f"runs: merge-chains needs at least two run directories, got {len(run_dirs)}")
     parts = []
@@ -83,7 +84,8 @@ def merge_chains(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> S
     first = parts[0]
     for d, part in zip(run_dirs[1:], parts[1:]):
         if part.layout != first.layout or not torch.equal(part.tracked_index, first.tracked_index):
-            raise ValueError(f"runs: {str(d)!r} has another backbone, search space or tracked set than {str(run_dirs[0])!r}")
+            raise ValueError(f"runs: {str(d)!r} has another backbone, search space or tracked set than "
+                             f"{str(run_dirs[0])!r}")
     merged = StreamingPosterior.concatenate(parts)
     config = RunConfig.from_yaml(Path(run_dirs[0]) / "config.yaml", strict=False).replace(chains=merged.chains)
     out = Path(out)

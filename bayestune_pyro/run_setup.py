@@ -75,6 +75,7 @@ def setup(config: RunConfig) -> Setup:
                              target_mean=task.target_mean)
     lifted = LiftedBackbone(backbone, SearchSpace(tuple(config.include), tuple(config.exclude)), config.device)
     likelihood = "normal" if task.spec.is_regression else "categorical"
-    prior = {name: getattr(config.options, name) for name in ("alpha", "beta", "n_hat") if hasattr(config.options, name)}
+    prior = {name: getattr(config.options, name) for name in ("alpha", "beta", "n_hat")
+             if hasattr(config.options, name)}
     model = GammaLaplaceModel(lifted, likelihood=likelihood, sigma=config.sigma, **prior)
     return Setup(config, task, lifted, model)

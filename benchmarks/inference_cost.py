@@ -10,14 +10,14 @@ Prints one JSON line per variant (median seconds, peak MB, ratios to plain); see
 from __future__ import annotations
 
 import torch
+from step_cost import arguments, loader_for, measure, plain, sgld
 
 from bayestune_pyro.data import infinite_batches
-from bayestune_pyro.inference.potential import Potential
 from bayestune_pyro.engines.svi import elbo_step, make_guide
+from bayestune_pyro.inference.potential import Potential
 from bayestune_pyro.models.backbones import load_backbone
 from bayestune_pyro.models.gamma_laplace import GammaLaplaceModel
 from bayestune_pyro.models.lifted import LiftedBackbone
-from step_cost import arguments, loader_for, measure, plain, sgld
 
 
 def vi(batches):

@@ -75,8 +75,7 @@ from multiprocessing import get_context
 import numpy as np
 import torch
 
-from bayestune_pyro.testing import toy
-from bayestune_pyro.testing import separable
+from bayestune_pyro.testing import separable, toy
 
 N = 200
 # plain SGLD: lr = ε·N̂/2, ε the Langevin step on U; w is the stiffest site (the Laplace kink at scale λ)

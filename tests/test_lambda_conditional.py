@@ -35,7 +35,11 @@ def quadrature_mean(alpha, beta, d):
     results = []
     for power in (0, 1):
         peak = max(log_f(s, power) for s in grid)
-        value, _ = integrate.quad(lambda s: math.exp(log_f(s, power) - peak), lo, hi, limit=2000,
+
+        def f(s, power=power, peak=peak):
+            return math.exp(log_f(s, power) - peak)
+
+        value, _ = integrate.quad(f, lo, hi, limit=2000,
                                   points=[grid[np.argmax([log_f(s, power) for s in grid])]], epsabs=0, epsrel=1e-11)
         results.append(math.log(value) + peak)
     return math.exp(results[1] - results[0])

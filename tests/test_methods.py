@@ -147,7 +147,8 @@ def test_stochastic_tuning_moves_at_most_k_coordinates_per_step():
     assert k < tuner.n_changed() <= 3 * k
     # μ: mean |input| of every covered linear layer, one per input feature
     mu = tuner.masks.mu
-    assert mu and all(v.shape == (dict(zip(s.lifted.layout.names, s.lifted.layout.shapes))[n][1],) for n, v in mu.items())
+    shapes = dict(zip(s.lifted.layout.names, s.lifted.layout.shapes))
+    assert mu and all(v.shape == (shapes[n][1],) for n, v in mu.items())
 
 
 def test_lora_rank_matches_the_budget_and_the_backbone_stays_frozen():

@@ -10,8 +10,8 @@ from bayestune_pyro.cli import main
 from bayestune_pyro.config import RunConfig
 from bayestune_pyro.finetune.delta import SparseDelta, merge
 from bayestune_pyro.finetune.stage2 import SparseFineTuner
-from bayestune_pyro.inference.posterior import StreamingPosterior
 from bayestune_pyro.inference.driver import CHECKPOINT, run_chain
+from bayestune_pyro.inference.posterior import StreamingPosterior
 from bayestune_pyro.registry import ENGINES
 from bayestune_pyro.run_setup import setup
 from bayestune_pyro.selection.masks import Mask

@@ -37,7 +37,7 @@ def test_welford_moments_match_batch_statistics_and_pool_across_chains(tmp_path)
 
 def test_posterior_without_samples_says_so():
     with pytest.raises(ValueError, match="no samples"):
-        StreamingPosterior(LAYOUT).lambda_mean
+        _ = StreamingPosterior(LAYOUT).lambda_mean
 
 
 @pytest.mark.parametrize("p", [0.001, 0.01, 0.37, 1.0])

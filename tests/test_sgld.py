@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from bayestune_pyro.inference.potential import Potential
 from bayestune_pyro.config import Schedule
+from bayestune_pyro.inference.potential import Potential
 from bayestune_pyro.inference.sgld import SGLD, SGLDConfig
 
 

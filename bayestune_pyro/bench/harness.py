@@ -37,7 +37,8 @@ BENCH_DEFAULTS = {"train_size": 1000, "validation_fraction": 0.1, "steps": 120, 
                   "thin": 4, "stage2_steps": 150, "eval_every": 50, "eval_batch_size": 128}
 GRID = ("task", "data_dir", "method", "seed", "data_seed", "p", "threshold")  # set per cell, not protocol
 # what an option added later meant in a bench.yaml written before it: the behaviour of the code at the time
-LEGACY = {"precond_eps": 1e-8, "freeze_preconditioner": False, "gibbs": False, "lambda_estimator": "draws", "per_method": {}}
+LEGACY = {"precond_eps": 1e-8, "freeze_preconditioner": False, "gibbs": False, "lambda_estimator": "draws",
+          "per_method": {}}
 HEAVY = ("posterior.safetensors", "delta.safetensors", "stage1.ckpt", "trace.nc")
 
 

@@ -23,7 +23,7 @@ class PeakMemory:
     def __init__(self, device: str | torch.device = "cpu", interval: float = 0.001):
         self.device, self.interval = torch.device(device), interval
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -146,7 +146,8 @@ def render(records: list[dict], path: str | os.PathLike, tasks_order: list[str] 
     metrics = {r["task"]: r["metric"] for r in records if _ok(r)}
     lines = ["# Benchmark results", "",
              "Test score ×100 on each task's dev set (metric in the header), mean ± sample std over seeds (n = "
-             "seeds when fewer than the most any cell has; a single seed shows no spread); Avg is the mean over tasks, Rank orders the averages (1 = best). "
+             "seeds when fewer than the most any cell has; a single seed shows no spread); Avg is the mean over "
+             "tasks, Rank orders the averages (1 = best). "
              "n_updated is the number of backbone coordinates stage 2 trains (the head aside; stochastic: per "
              "step); s/cell and peak MB are per cell (selection + stage 2 + evaluation), means over cells.", ""]
     for p, s in summarise(records, tasks_order, reference).items():

@@ -17,8 +17,9 @@ _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 def make_loader(examples: list[Example], tokenizer, *, batch_size: int, max_length: int,
                 shuffle: bool, seed: int = 0, regression: bool = False,
                 drop_last: bool = False) -> DataLoader:
-    """A DataLoader of ``model(**batch)`` dicts (image examples: ``pixel_values`` and ``labels``; no tokenizer): ``input_ids``, ``attention_mask``,
-    ``token_type_ids`` (when the tokenizer makes them) and ``labels`` (float if ``regression``).
+    """A DataLoader of ``model(**batch)`` dicts: ``input_ids``, ``attention_mask``, ``token_type_ids`` (when the
+    tokenizer makes them) and ``labels`` (float if ``regression``); image examples (no tokenizer) give
+    ``pixel_values`` and ``labels``.
 
     Texts are truncated to ``max_length`` and each batch is padded to its longest sequence;
     shuffling draws from a generator seeded with ``seed``, so runs repeat exactly.

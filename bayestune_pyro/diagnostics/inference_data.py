@@ -2,12 +2,12 @@
 
 - ``posterior``: ``lambda`` (λ), ``log_lambda`` and ``delta`` (θ − θ̄) of the K tracked coordinates, dims
   (chain, draw, coordinate), and, with the Rao-Blackwellised estimator, ``lambda_rb`` = E[λ | θ] of each draw
-  (the quantity λ̂ averages) and ``log_lambda_rb``; a coordinate is labelled ``<parameter tensor>[<flat index within it>]`` and
-  carries ``flat_index``, its index into θ.
+  (the quantity λ̂ averages) and ``log_lambda_rb``; a coordinate is labelled
+  ``<parameter tensor>[<flat index within it>]`` and carries ``flat_index``, its index into θ.
 - ``sample_stats``: ``log_joint`` (log p(θ, λ, B) on the N̂ scale), ``potential`` (−log_joint), ``loss`` (the
   minibatch mean NLL), ``step_size`` (lr) and ``temperature`` (γ²; 0 for MAP, NaN for VI).
-- ``attrs``: the run configuration, the engine and its kind (``sampler``, ``point``, ...), the λ̂ estimator and the posterior's d and draw counts, as netCDF-safe
-  strings and numbers.
+- ``attrs``: the run configuration (flat names), the engine's kind (``sampler``, ``point``, ...), the λ̂
+  estimator and the posterior's d and draw counts, as netCDF-safe strings and numbers.
 """
 from __future__ import annotations
 
@@ -71,8 +71,9 @@ def to_inference_data(posterior: StreamingPosterior, config: RunConfig) -> az.In
                       "temperature": np.full_like(log_joint, temperature(config))},
         coords={"coordinate": coordinate_labels(posterior.layout, index)},
         dims={name: ["coordinate"] for name in variables},
-        attrs=netcdf_attrs({**config.flat(), "engine_kind": ENGINES.get(config.inference).kind, "estimator": posterior.estimator,
-                            "chains": posterior.chains, "d": posterior.d, "counts": posterior.counts}),
+        attrs=netcdf_attrs({**config.flat(), "engine_kind": ENGINES.get(config.inference).kind,
+                            "estimator": posterior.estimator, "chains": posterior.chains, "d": posterior.d,
+                            "counts": posterior.counts}),
     )
     idata.posterior.coords["flat_index"] = ("coordinate", index.numpy())
     return idata

@@ -2,14 +2,15 @@
 
 An engine builds the :class:`~bayestune_pyro.inference.driver.Kernel` that the one driver
 (``inference.driver.run_chain``) steps, and says what its states are: draws of a sampler at temperature γ²
-(R-hat and ESS then describe mixing), a point estimate (temperature 0), a variational fit, or a heuristic (neither: no temperature).
+(R-hat and ESS then describe mixing), a point estimate (temperature 0), a variational fit, or a heuristic
+(neither: no temperature).
 Adding an engine is adding one module here.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ..config import Options
 from ..registry import ENGINES

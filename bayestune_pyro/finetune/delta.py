@@ -35,7 +35,7 @@ class SparseDelta:
 
     @classmethod
     def from_flat(cls, layout: Layout, index: torch.Tensor, delta: torch.Tensor, head: dict[str, torch.Tensor],
-                  backbone: str, num_labels: int, seed: int = 0, pretrained: bool = True) -> "SparseDelta":
+                  backbone: str, num_labels: int, seed: int = 0, pretrained: bool = True) -> SparseDelta:
         """Split flat (sorted) mask indices and their deltas into per-tensor pieces."""
         updates = {}
         bounds = torch.tensor(layout.offsets + (layout.d,), device=index.device)
@@ -62,7 +62,7 @@ class SparseDelta:
                                               "pretrained": str(self.pretrained).lower()})
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SparseDelta":
+    def load(cls, path: str | os.PathLike) -> SparseDelta:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT:

@@ -7,7 +7,7 @@ Memory: θ, ∇θ and AdamW's two moments, 4 floats per covered coordinate.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -1,7 +1,7 @@
 """Evaluation: the task's metrics of a network over a loader."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -9,7 +9,8 @@ from ..data import TaskSpec, compute_metrics
 
 
 @torch.no_grad()
-def predict(forward: Callable[[dict], torch.Tensor], loader, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(forward: Callable[[dict], torch.Tensor], loader,
+            device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(outputs, labels) over a loader, concatenated on the CPU; ``forward`` maps a batch to logits."""
     outputs, labels = [], []
     for batch in loader:

@@ -8,8 +8,8 @@ Trainable: r·(in + out) per adapted matrix, which is what counts against the bu
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from fnmatch import fnmatchcase
-from typing import Callable
 
 import torch
 

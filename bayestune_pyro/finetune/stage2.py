@@ -14,8 +14,8 @@ head with AdamW at ``head_lr``; what differs is the backbone update:
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm

@@ -8,7 +8,7 @@ per covered coordinate). ``n_updated`` is k per step; :meth:`n_changed` counts c
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -133,7 +133,7 @@ class StreamingPosterior:
                     "estimator": self.estimator, **(extra or {})})
 
     @classmethod
-    def concatenate(cls, parts: list["StreamingPosterior"]) -> "StreamingPosterior":
+    def concatenate(cls, parts: list[StreamingPosterior]) -> StreamingPosterior:
         """One posterior whose chains are those of ``parts`` (same layout and tracked set), in order."""
         post = cls.__new__(cls)
         estimators = {p.estimator for p in parts}
@@ -149,7 +149,7 @@ class StreamingPosterior:
         return post
 
     @classmethod
-    def load(cls, run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> "StreamingPosterior":
+    def load(cls, run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> StreamingPosterior:
         meta = read_json(Path(run_dir) / "posterior.json")
         tensors = load_tensors(Path(run_dir) / "posterior.safetensors", device)
         post = cls.__new__(cls)

@@ -8,8 +8,8 @@ always trained and never counted). Adding a method is adding one module here.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ..config import Options
 from ..registry import METHODS

@@ -33,7 +33,7 @@ class Layout:
     d: int
 
     @classmethod
-    def of(cls, named: list[tuple[str, torch.Size]]) -> "Layout":
+    def of(cls, named: list[tuple[str, torch.Size]]) -> Layout:
         offsets, total = [], 0
         for _, shape in named:
             offsets.append(total)
@@ -58,7 +58,7 @@ class Layout:
         return [[n, list(s), o] for n, s, o in zip(self.names, self.shapes, self.offsets)]
 
     @classmethod
-    def from_json(cls, rows: list) -> "Layout":
+    def from_json(cls, rows: list) -> Layout:
         return cls.of([(n, torch.Size(s)) for n, s, _ in rows])
 
 
@@ -73,7 +73,8 @@ class LiftedBackbone(nn.Module):
         covered = space.covered(list(named), backbone.head_names)
         dtypes = {named[n].dtype for n in covered}
         if len(dtypes) != 1:
-            raise ValueError(f"search_space: covered parameters mix dtypes {sorted(map(str, dtypes))}; cast the backbone first")
+            raise ValueError(f"search_space: covered parameters mix dtypes {sorted(map(str, dtypes))}; "
+                             "cast the backbone first")
         self.layout = Layout.of([(n, named[n].shape) for n in covered])
         self.register_buffer("theta_bar", torch.cat([named[n].detach().reshape(-1) for n in covered]))
         for n, view in self.layout.split(self.theta_bar).items():
@@ -99,7 +100,8 @@ class LiftedBackbone(nn.Module):
     @torch.no_grad()
     def bind(self, theta: torch.Tensor, grad: torch.Tensor) -> None:
         """Make the covered parameters views of ``theta`` whose gradients accumulate into ``grad`` (both flat)."""
-        for p, view, g in zip(self.covered_parameters(), self.layout.split(theta).values(), self.layout.split(grad).values()):
+        views, grads = self.layout.split(theta).values(), self.layout.split(grad).values()
+        for p, view, g in zip(self.covered_parameters(), views, grads):
             p.data = view
             p.requires_grad_(True)
             p.grad = g

@@ -50,7 +50,7 @@ class Mask:
         })
 
     @classmethod
-    def load(cls, run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> "Mask":
+    def load(cls, run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Mask:
         meta = read_json(Path(run_dir) / "mask.json")
         index = load_tensors(Path(run_dir) / "mask.safetensors", device)["index"]
         info = {k: v for k, v in meta.items() if k not in ("method", "p", "threshold", "d", "k", "counts", "layout")}

@@ -10,8 +10,8 @@ BayesTune's own score is the posterior mean λ̂ (``uncertainty.select``).
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from fnmatch import fnmatchcase
-from typing import Callable, Iterator
 
 import torch
 

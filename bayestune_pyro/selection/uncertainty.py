@@ -66,7 +66,7 @@ class Curve:
     d: int
 
     @classmethod
-    def of(cls, scores: torch.Tensor, points: int = POINTS) -> "Curve":
+    def of(cls, scores: torch.Tensor, points: int = POINTS) -> Curve:
         ordered = torch.sort(scores.flatten(), descending=True).values
         k = np.unique(np.round(np.logspace(0, math.log10(ordered.numel()), points)).astype(np.int64))
         return cls(k, ordered[torch.from_numpy(k - 1)].double().cpu().numpy(), ordered.numel())

@@ -42,11 +42,11 @@ from torch import nn
 
 from ..inference.potential import Potential
 from ..inference.sgld import SGLD, SGLDConfig
-from .toy import summary
 from ..models.backbones import Backbone
 from ..models.gamma_laplace import GammaLaplaceModel
 from ..models.lambda_conditional import LambdaConditional
 from ..models.lifted import LiftedBackbone
+from .toy import summary
 
 EPS0 = 1e-30
 EPS = (1e-3, 1e-6, 1e-12, 1e-24)

@@ -23,12 +23,12 @@ from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide.initialization import init_to_value
 from torch import nn
 
+from ..engines.sghmc import SGHMC
+from ..inference.potential import Potential
+from ..inference.sgld import SGLD, SGLDConfig
 from ..models.backbones import Backbone
 from ..models.gamma_laplace import GammaLaplaceModel
 from ..models.lifted import LiftedBackbone
-from ..inference.potential import Potential
-from ..engines.sghmc import SGHMC
-from ..inference.sgld import SGLD, SGLDConfig
 
 
 def logistic_data(n: int = 200, d: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
