@@ -415,8 +415,8 @@ def merge(base: dict, changes: dict) -> dict:
     A new method name starts that method's options (and engine) from the defaults; so does a new engine name.
     """
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
-    for key, value in changes.items():
-        key = key.replace("-", "_")
+    changes = {k.replace("-", "_"): v for k, v in changes.items()}
+    for key, value in sorted(changes.items(), key=lambda kv: kv[0] != "method"):  # a new method first
         if key not in ("method", "engine", "inference"):
             out[key] = value
             continue

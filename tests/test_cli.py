@@ -64,6 +64,42 @@ def test_config_file_and_flags_override(tmp_path):
     assert (config.task, config.n_hat, config.lr, config.gamma) == ("rte", 1e6, 3e-5, 0.25)
 
 
+def test_nested_and_flat_config_files_are_the_same_configuration(tmp_path):
+    flat, nested = tmp_path / "flat.yaml", tmp_path / "nested.yaml"
+    flat.write_text("method: sift\nsift_batches: 3\nstage2_steps: 7\n")
+    nested.write_text("method: {name: sift, sift_batches: 3}\nstage2_steps: 7\n")
+    a, b = (resolve_config(build_parser().parse_args(["run", "--config", str(f)])) for f in (flat, nested))
+    assert a.to_dict() == b.to_dict() and a.options.sift_batches == 3 and a.inference is None
+    engine = tmp_path / "engine.yaml"
+    engine.write_text("engine: {name: sghmc, friction: 0.3}\nmethod: {name: bayestune, n_hat: 1e8}\n")
+    c = resolve_config(build_parser().parse_args(["run", "--config", str(engine), "--gamma", "0.5"]))
+    assert (c.inference, c.friction, c.gamma, c.n_hat) == ("sghmc", 0.3, 0.5, 1e8)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sift-batches", "2"], "sift_batches: an option of method sift, not of method bayestune with engine sgld"),
+    (["--method", "sift", "--gamma", "0.5"], "gamma: an option of engine sgld, not of method sift"),
+    (["--method", "bayestune-map", "--inference", "vi"], "inference: method 'bayestune-map' runs engine 'map'"),
+    (["--method", "lora", "--inference", "sgld"], "inference: method 'lora' has no stage-1 engine"),
+    (["--inference", "vi", "--gibbs"], "gibbs: an option of engine sgld, not of method bayestune with engine vi"),
+])
+def test_an_option_of_another_part_names_its_owner(tmp_path, capsys, args, message):
+    assert main(["run", "--out", str(tmp_path / "r"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"bayestune: error: {message}" or err.startswith(f"bayestune: error: {message}")
+    assert "\n" not in err and not (tmp_path / "r").exists()
+
+
+def test_help_groups_the_options_of_every_method_and_engine(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--help"])
+    text = capsys.readouterr().out
+    for group in ("options of method sift", "options of method lora", "options of engine sghmc",
+                  "options of engine vi"):
+        assert group in text
+    assert "--friction" in text and "--sift-modules" in text
+
+
 def test_unknown_config_field_is_named(tmp_path, capsys):
     cfg = tmp_path / "exp.yaml"
     cfg.write_text("learning_rate: 0.1\n")
