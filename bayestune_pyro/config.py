@@ -1,16 +1,17 @@
 """The run configuration, composed of parts that each validate themselves on construction.
 
-- the common parts, fields of :class:`RunConfig`: data, backbone, search space, budget, stage-1 schedule, stage 2;
+- the common parts, fields of :class:`RunConfig`: data, backbone, budget, stage-1 schedule, stage 2;
 - the method (``method``) and its own options, an :class:`Options` subclass declared in its module in
   ``methods/``;
 - for methods with a stage 1 (the posterior methods), the engine (``inference``) and its own options, declared in
-  its module in ``engines/``.
+  its module in ``engines/``;
+- the search space (``search_space``, default ``subset``) and its options, declared in ``search_spaces/``.
 
-YAML nests the same way (``method: {name: sift, sift_batches: 1}``, ``engine: {name: sgld, gamma: 1.0}``). Flat
-keys and flags (``--sift-batches 1``, ``gamma: 1.0``) go to the part that owns them; a key that belongs to
-another method or engine is refused with a one-line error naming its owner (files this package wrote itself are
-read leniently: such keys are dropped). Values are converted to the field's declared type by pydantic, and
-every error is one line naming the field, the value and what is allowed.
+YAML nests the same way (``method: {name: sift, sift_batches: 1}``, ``engine: {name: sgld, gamma: 1.0}``,
+``search_space: {name: subset, include: ["*"]}``). Flat keys and flags (``--sift-batches 1``, ``gamma: 1.0``) go
+to the part that owns them; a key that belongs to another part is refused with a one-line error naming its owner
+(files this package wrote itself are read leniently: such keys are dropped). Values are converted to the field's
+declared type by pydantic, and every error is one line naming the field, the value and what is allowed.
 
 This module imports only the task table and the registries; it never imports what the parts run.
 """
@@ -29,7 +30,7 @@ import pydantic
 import yaml
 
 from .data.tasks import TASKS
-from .registry import ENGINES, METHODS
+from .registry import ENGINES, METHODS, SEARCH_SPACES
 
 
 def option(default, help: str, **meta):
@@ -171,10 +172,9 @@ class RunConfig:
     backbone: str = option("minilm-l6", "minilm-l6 (packaged), tiny-bert, hf:<hub id or dir>, timm:<name>")
     pretrained: bool = option(True, "load pretrained weights (timm / hf); false = random initialisation")
     device: str = option("cpu", "torch device: cpu, cuda, cuda:1, ...")
-    # search space
-    include: list[str] = option(["*"], "search space: glob patterns of covered parameter names", nargs="+")
-    exclude: list[str] = option([], "search space: glob patterns to leave out (the head is always out)",
-                                nargs="*")
+    # search space (its options live in its module)
+    search_space: str = option("subset", "which coordinates carry the prior (one module each in "
+                               "bayestune_pyro/search_spaces/)")
     # budget
     p: float | None = option(0.005, "fraction of covered coordinates to fine-tune in stage 2 (top-p by the "
                              "method's score)")
@@ -201,6 +201,7 @@ class RunConfig:
     # the parts' own options (None: their defaults)
     method_options: Options | None = field(default=None, repr=False)
     engine_options: Options | None = field(default=None, repr=False)
+    search_space_options: Options | None = field(default=None, repr=False)
 
     COMMON: ClassVar[tuple[str, ...]] = ()  # set below: the common fields' names
 
@@ -236,6 +237,8 @@ class RunConfig:
         if options is None and self.engine_options:
             raise ValueError(f"inference: method {self.method!r} has no stage-1 engine, so no engine options")
         self.engine_options = _options(options, self.engine_options, f"engine {self.inference}") if options else None
+        self.search_space_options = _options(SEARCH_SPACES.get(self.search_space).options,
+                                             self.search_space_options, f"search space {self.search_space}")
         grid = self.gridded()
         if grid and not self.validation_fraction > 0:
             raise ValueError(f"{grid[0]}: a grid is chosen on the validation split; set --validation-fraction > 0")
@@ -255,11 +258,11 @@ class RunConfig:
         return None if self.threshold is not None else self.p
 
     def _parts(self) -> list[Options]:
-        return [o for o in (self.method_options, self.engine_options) if o is not None]
+        return [o for o in (self.method_options, self.engine_options, self.search_space_options) if o is not None]
 
     def __getattr__(self, name: str):
         """A part's option by its flat name (``config.gamma``), read-only."""
-        if name.startswith("_") or name in ("method_options", "engine_options"):
+        if name.startswith("_") or name in PART_OPTIONS:
             raise AttributeError(name)
         for part in self._parts():
             if name in fields_of(type(part)):
@@ -292,11 +295,14 @@ class RunConfig:
         return RunConfig.from_dict(merge(self.to_dict(), values))
 
     def to_dict(self) -> dict:
-        """Common fields flat, then ``method: {name, options}`` and, with an engine, ``engine: {name, options}``."""
-        out = {name: _plain(getattr(self, name)) for name in self.COMMON if name not in ("method", "inference")}
-        out["method"] = {"name": self.method, **self.method_options.to_dict()}
-        if self.inference is not None:
-            out["engine"] = {"name": self.inference, **(self.engine_options.to_dict() if self.engine_options else {})}
+        """Common fields flat, then ``method``, ``engine`` (if any) and ``search_space`` as ``{name, options}``."""
+        names = {block: getattr(self, flat) for block, flat, _, _ in PARTS}
+        out = {name: _plain(getattr(self, name)) for name in self.COMMON if name not in names and
+               name != "inference"}
+        for block, _, _, attribute in PARTS:
+            if names[block] is not None:
+                options = getattr(self, attribute)
+                out[block] = {"name": names[block], **(options.to_dict() if options is not None else {})}
         return out
 
     def flat(self) -> dict:
@@ -310,62 +316,63 @@ class RunConfig:
     def from_dict(cls, values: dict, source: str = "config", strict: bool = True) -> RunConfig:
         """From nested or flat keys (see the module docstring); ``strict=False`` drops other parts' keys."""
         values = {k.replace("-", "_"): v for k, v in values.items()}
-        method_block, engine_block = values.pop("method", "bayestune"), values.pop("engine", None)
-        if isinstance(method_block, dict):
-            method_block = dict(method_block)
-            method = method_block.pop("name", "bayestune")
-        else:
-            method, method_block = method_block, {}
-        inference = values.pop("inference", None)
-        if isinstance(engine_block, dict):
-            engine_block = dict(engine_block)
-            inference = inference or engine_block.pop("name", None)
-            engine_block.pop("name", None)
-        else:
-            inference, engine_block = inference or engine_block, {}
-        method = coerce("method", str, method)
+        names, blocks = {}, {}
+        for block, flat, _, _ in PARTS:
+            raw = values.pop(block, None)
+            name = values.pop(flat, None) if flat != block else None
+            if isinstance(raw, dict):
+                raw = dict(raw)
+                name = name or raw.pop("name", None)
+                raw.pop("name", None)
+            else:
+                name, raw = name or raw, {}
+            names[block], blocks[block] = name, raw
+        method = coerce("method", str, names["method"] or "bayestune")
         spec = METHODS.get(method)
         try:
-            inference = spec.engine_for(inference)
+            inference = spec.engine_for(names["engine"])
         except ValueError:
             if strict:
                 raise
             inference = spec.engine_for(None)
-        engine = ENGINES.get(inference) if inference is not None else None
-        own = fields_of(spec.options)
-        engine_own = fields_of(engine.options) if engine is not None and engine.options else {}
+        space = coerce("search_space", str, names["search_space"] or "subset")
+        chosen = {"method": (f"method {method}", spec.options),
+                  "engine": (f"engine {inference}", ENGINES.get(inference).options if inference else None),
+                  "search_space": (f"search space {space}", SEARCH_SPACES.get(space).options)}
+        own = {block: fields_of(options) if options is not None else {} for block, (_, options) in chosen.items()}
         hints = _hints(cls)
-        common, method_values, engine_values = {}, dict(method_block), dict(engine_block)
+        common, part_values = {}, {block: dict(blocks[block]) for block in chosen}
         for key, value in values.items():
+            owner = next((block for block in chosen if key in own[block]), None)
             if key in cls.COMMON:
                 common[key] = coerce(key, hints[key], value)
-            elif key in own:
-                method_values[key] = value
-            elif key in engine_own:
-                engine_values[key] = value
+            elif owner is not None:
+                part_values[owner][key] = value
             elif not strict and _owner(key) is not None:
                 continue  # written by this package for another method or engine
             else:
-                owner = _owner(key)
-                if owner is None:
+                other = _owner(key)
+                if other is None:
                     raise ValueError(f"{source}: unknown field {key!r}; known fields: {', '.join(_all_names())}")
                 where = f"method {method}" + (f" with engine {inference}" if inference else "")
-                raise ValueError(f"{key}: an option of {owner}, not of {where}")
+                raise ValueError(f"{key}: an option of {other}, not of {where}")
         if not strict:
-            method_values = {k: v for k, v in method_values.items() if k in own}
-            engine_values = {k: v for k, v in engine_values.items() if k in engine_own}
-        return cls(**common, method=method, inference=inference,
-                   method_options=spec.options.from_values(method_values, f"method {method}"),
-                   engine_options=engine.options.from_values(engine_values, f"engine {inference}")
-                   if engine is not None and engine.options else None)
+            part_values = {block: {k: v for k, v in got.items() if k in own[block]}
+                           for block, got in part_values.items()}
+        options = {attribute: chosen[block][1].from_values(part_values[block], chosen[block][0])
+                   for block, _, _, attribute in PARTS if chosen[block][1] is not None}
+        return cls(**common, method=method, inference=inference, search_space=space, **options)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, strict: bool = True) -> RunConfig:
         return cls.from_dict(read_yaml_mapping(path), source=f"config {Path(path).name}", strict=strict)
 
 
-RunConfig.COMMON = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in ("method_options",
-                                                                                      "engine_options"))
+# each part: its YAML block, its flat name key, its registry and the RunConfig attribute holding its options
+PARTS = (("method", "method", METHODS, "method_options"), ("engine", "inference", ENGINES, "engine_options"),
+         ("search_space", "search_space", SEARCH_SPACES, "search_space_options"))
+PART_OPTIONS = tuple(attribute for _, _, _, attribute in PARTS)
+RunConfig.COMMON = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in PART_OPTIONS)
 
 
 def _plain(value):
@@ -382,9 +389,12 @@ def _options(cls: type[Options], given, owner: str) -> Options:
     raise ValueError(f"{owner}: options must be a mapping or {cls.__name__}, got {type(given).__name__}")
 
 
+KINDS = (("method", METHODS), ("engine", ENGINES), ("search space", SEARCH_SPACES))
+
+
 def _owner(key: str) -> str | None:
-    """Which registered method or engine has an option ``key`` (the first one, in registry order)."""
-    for kind, registry in (("method", METHODS), ("engine", ENGINES)):
+    """Which registered part has an option ``key`` (the first one, in registry order)."""
+    for kind, registry in KINDS:
         for name in registry.names():
             options = registry.get(name).options
             if options is not None and key in fields_of(options):
@@ -394,10 +404,10 @@ def _owner(key: str) -> str | None:
 
 def option_fields() -> dict[str, tuple[str, dataclasses.Field, Any]]:
     """Every option a flag or flat key can set: name → (owner, field, type), the common fields first, then the
-    registered methods' and engines' options (a name several parts share is listed once, under the first)."""
+    registered parts' options (a name several parts share is listed once, under the first)."""
     fields = {f.name: ("run", f, _hints(RunConfig)[f.name]) for f in dataclasses.fields(RunConfig)
               if f.name in RunConfig.COMMON}
-    for kind, registry in (("method", METHODS), ("engine", ENGINES)):
+    for kind, registry in KINDS:
         for name in registry.names():
             options = registry.get(name).options
             for f in dataclasses.fields(options) if options is not None else ():
@@ -417,10 +427,10 @@ def merge(base: dict, changes: dict) -> dict:
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
     changes = {k.replace("-", "_"): v for k, v in changes.items()}
     for key, value in sorted(changes.items(), key=lambda kv: kv[0] != "method"):  # a new method first
-        if key not in ("method", "engine", "inference"):
+        if key not in ("method", "engine", "inference", "search_space"):
             out[key] = value
             continue
-        block = "method" if key == "method" else "engine"
+        block = "engine" if key == "inference" else key
         new = dict(value) if isinstance(value, dict) else {"name": value}
         old = out.get(block) if isinstance(out.get(block), dict) else {"name": out.get(block)}
         if block == "engine" and "inference" in out:

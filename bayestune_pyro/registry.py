@@ -1,7 +1,7 @@
-"""Registries of the plug-in parts: fine-tuning methods and stage-1 engines.
+"""Registries of the plug-in parts: fine-tuning methods, stage-1 engines and search spaces.
 
 A part registers itself when its module is imported; a registry imports every module of its package on first
-use, so adding a method or an engine is adding one file to ``methods/`` or ``engines/``. This module imports
+use, so adding a method, an engine or a search space is adding one file to its package. This module imports
 nothing else of the package, so the configuration can name parts without depending on what they run.
 """
 from __future__ import annotations
@@ -56,3 +56,4 @@ class Registry(Generic[T]):
 
 METHODS: Registry = Registry("method", "bayestune_pyro.methods")
 ENGINES: Registry = Registry("inference", "bayestune_pyro.engines")
+SEARCH_SPACES: Registry = Registry("search_space", "bayestune_pyro.search_spaces")

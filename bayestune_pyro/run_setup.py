@@ -12,7 +12,7 @@ from .finetune.stage2 import Stage2Config
 from .models.backbones import load_backbone
 from .models.gamma_laplace import GammaLaplaceModel
 from .models.lifted import LiftedBackbone
-from .models.search_space import SearchSpace
+from .registry import SEARCH_SPACES
 from .selection.masks import budget
 
 
@@ -73,7 +73,8 @@ def setup(config: RunConfig) -> Setup:
                      validation_fraction=config.validation_fraction, shots_per_class=config.shots_per_class)
     backbone = load_backbone(config.backbone, task.spec.num_labels, pretrained=config.pretrained, seed=config.seed,
                              target_mean=task.target_mean)
-    lifted = LiftedBackbone(backbone, SearchSpace(tuple(config.include), tuple(config.exclude)), config.device)
+    space = SEARCH_SPACES.get(config.search_space).build(config.search_space_options)
+    lifted = LiftedBackbone(backbone, space, config.device)
     likelihood = "normal" if task.spec.is_regression else "categorical"
     prior = {name: getattr(config.options, name) for name in ("alpha", "beta", "n_hat")
              if hasattr(config.options, name)}

@@ -8,7 +8,8 @@ from bayestune_pyro.inference.potential import Potential
 from bayestune_pyro.models.backbones import load_backbone
 from bayestune_pyro.models.gamma_laplace import GammaLaplaceModel
 from bayestune_pyro.models.lifted import LiftedBackbone
-from bayestune_pyro.models.search_space import SearchSpace
+from bayestune_pyro.search_spaces import SearchSpace
+from bayestune_pyro.search_spaces.subset import Subset
 
 
 def random_point(potential, seed):
@@ -109,12 +110,40 @@ def test_gradient_wrt_flat_theta_matches_module_gradients(text_batch):
 
 def test_search_space_patterns_and_errors():
     backbone = load_backbone("tiny-bert", 2, seed=0)
-    lifted = LiftedBackbone(backbone, SearchSpace(include=("*attention*",), exclude=("*LayerNorm*",)))
+    lifted = LiftedBackbone(backbone, Subset(include=("*attention*",), exclude=("*LayerNorm*",)))
     assert all("attention" in n and "LayerNorm" not in n for n in lifted.layout.names)
     excluded = dict(backbone.model.named_parameters())["bert.embeddings.word_embeddings.weight"]
     assert not excluded.requires_grad
     with pytest.raises(ValueError, match="search_space"):
-        LiftedBackbone(load_backbone("tiny-bert", 2), SearchSpace(include=("nothing*",)))
+        LiftedBackbone(load_backbone("tiny-bert", 2), Subset(include=("nothing*",)))
+
+
+class ZeroShift(SearchSpace):
+    """An additive search space: a zero-initialised shift on the output of every attention query projection,
+    and only the shifts covered."""
+
+    def attach(self, model):
+        for name, module in model.named_modules():
+            if name.endswith("attention.self.query"):
+                module.shift = torch.nn.Parameter(torch.zeros(module.out_features))
+                module.register_forward_hook(lambda m, inputs, out: out + m.shift)
+
+    def covered(self, names, head_names):
+        return [n for n in names if n.endswith(".shift")]
+
+
+def test_a_search_space_may_add_zero_initialised_modules_centred_at_zero(text_batch):
+    plain = load_backbone("tiny-bert", 2, seed=0)
+    lifted = LiftedBackbone(load_backbone("tiny-bert", 2, seed=0), ZeroShift())
+    assert all(n.endswith("attention.self.query.shift") for n in lifted.layout.names) and lifted.d == 2 * 32
+    assert torch.equal(lifted.theta_bar, torch.zeros(lifted.d))  # the prior centre θ̄ of an added module is 0
+    plain.model.eval(), lifted.model.eval()
+    args, kwargs = plain.inputs(text_batch)
+    with torch.no_grad():
+        before = plain.logits(plain.model(*args, **kwargs))
+        assert torch.equal(lifted(lifted.theta_bar, text_batch), before)  # at θ̄ the network is unchanged
+        assert not torch.allclose(lifted(torch.full((lifted.d,), 0.5), text_batch), before)
+    assert all(not p.requires_grad for n, p in lifted.model.named_parameters() if n not in lifted.head_names)
 
 
 def test_regression_likelihood_is_normal(tiny_lifted, text_batch):

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..search_spaces import SearchSpace
+from ..search_spaces.subset import Subset
 from .backbones import Backbone
-from .search_space import SearchSpace
 
 
 @dataclass(frozen=True)
@@ -65,9 +66,10 @@ class Layout:
 class LiftedBackbone(nn.Module):
     """A backbone whose covered parameters are the flat vector θ (pretrained value θ̄ = ``theta_bar``)."""
 
-    def __init__(self, backbone: Backbone, space: SearchSpace = SearchSpace(), device: str | torch.device = "cpu"):
+    def __init__(self, backbone: Backbone, space: SearchSpace = Subset(), device: str | torch.device = "cpu"):
         super().__init__()
         self.backbone = backbone
+        space.attach(backbone.model)
         self.model = backbone.model.to(device)
         named = dict(self.model.named_parameters())
         covered = space.covered(list(named), backbone.head_names)

@@ -1,16 +1,19 @@
-"""The search space: which backbone coordinates carry the Gamma–Laplace prior (and so can enter the mask)."""
+"""Search space ``subset``: existing parameter tensors chosen by glob patterns on their names."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
+from ..config import Options, option
+from . import SearchSpace, Space, register
+
 
 @dataclass(frozen=True)
-class SearchSpace:
+class Subset(SearchSpace):
     """Parameter tensors covered by θ, chosen by glob patterns on their names (``*`` matches dots too).
 
     By default every backbone parameter is covered; the task head never is (it is learned without a prior).
-    Example: ``SearchSpace(include=("*attention*",), exclude=("*LayerNorm*",))``.
+    Example: ``Subset(include=("*attention*",), exclude=("*LayerNorm*",))``.
     """
 
     include: tuple[str, ...] = ("*",)
@@ -30,3 +33,13 @@ class SearchSpace:
                 "parameter; patterns are globs on names such as 'bert.encoder.layer.0.attention.self.query.weight'"
             )
         return chosen
+
+
+@dataclass
+class SubsetOptions(Options):
+    include: list[str] = option(["*"], "search space: glob patterns of covered parameter names", nargs="+")
+    exclude: list[str] = option([], "search space: glob patterns to leave out (the head is always out)", nargs="*")
+
+
+register(Space("subset", "existing parameter tensors chosen by include/exclude globs", SubsetOptions,
+               lambda o: Subset(tuple(o.include), tuple(o.exclude))))
