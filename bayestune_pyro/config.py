@@ -82,6 +82,13 @@ def check_positive(owner, *names: str) -> None:
                 raise ValueError(f"{name}: must be a positive number, got {value!r}")
 
 
+def check_noise_discount(owner) -> None:
+    """γ (or each γ of a grid) is a finite number >= 0; 0 is optimisation (MAP)."""
+    for value in values_of(owner.gamma):
+        if not (isinstance(value, (int, float)) and 0 <= value < math.inf):
+            raise ValueError(f"gamma: must be >= 0 (0 is MAP), got {value!r}")
+
+
 def check_at_least_one(owner, *names: str) -> None:
     for name in names:
         if getattr(owner, name) < 1:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import option
+from ..config import check_noise_discount, option
 from ..inference.potential import Potential
 from ..inference.sgld import SGLD, SGLDConfig
 from . import Engine, register
@@ -66,9 +66,7 @@ class SGHMCOptions(MAPOptions):
             raise ValueError("preconditioner: sghmc takes none or rmsprop, got 'adam'")
         if not 0 < self.friction <= 1:
             raise ValueError(f"friction: must be in (0, 1], got {self.friction!r}")
-        for value in self.gamma if isinstance(self.gamma, list) else [self.gamma]:
-            if not (isinstance(value, (int, float)) and 0 <= value < math.inf):
-                raise ValueError(f"gamma: must be >= 0, got {value!r}")
+        check_noise_discount(self)
 
 
 def sghmc_kernel(s, options, e: SGHMCOptions, seed: int) -> LangevinKernel:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import Options, check_positive, option
+from ..config import Options, check_noise_discount, check_positive, option
 from ..inference.driver import Kernel
 from ..inference.posterior import StreamingPosterior
 from ..inference.potential import Potential
@@ -58,9 +58,7 @@ class SGLDOptions(MAPOptions):
 
     def check(self):
         super().check()
-        for value in self.gamma if isinstance(self.gamma, list) else [self.gamma]:
-            if not (isinstance(value, (int, float)) and value >= 0 and value != float("inf")):
-                raise ValueError(f"gamma: must be >= 0 (0 is MAP), got {value!r}")
+        check_noise_discount(self)
 
 
 @dataclass
@@ -70,9 +68,7 @@ class NoisyAdamOptions(Options):
     gamma: float | list[float] = option(1.0, "noise discount γ of the gradient noise; a list is a grid")
 
     def check(self):
-        for value in self.gamma if isinstance(self.gamma, list) else [self.gamma]:
-            if not (isinstance(value, (int, float)) and value >= 0):
-                raise ValueError(f"gamma: must be >= 0, got {value!r}")
+        check_noise_discount(self)
 
 
 class LangevinKernel(Kernel):
