@@ -6,11 +6,13 @@
     bayestune stage2 RUN [options]                          stage 2 + evaluation from RUN's mask
     bayestune merge-chains RUN_A RUN_B ... --out RUN         pool separately run chains
     bayestune diagnose RUN                                  convergence checks: RUN/trace.nc and RUN/report.html
+    bayestune list                                          the registered methods, engines and search spaces
     bayestune bench --tasks T,... [--data-root DIR] [--methods all] [--p 0.005] [--seeds 3] [--out DIR]
                     [--per-task TASK.FIELD=VALUE ...] [--per-method METHOD.FIELD=VALUE ...]
                                                             methods × tasks × seeds × budgets → results.md
 
-Options come from :class:`RunConfig`; precedence is flags > ``--config`` file > RUN/config.yaml > defaults.
+Options come from :class:`RunConfig` and the registered parts' options (a flag of another method or engine is an
+error naming its owner); precedence is flags > ``--config`` file > RUN/config.yaml > defaults.
 Errors are one line on stderr and a non-zero exit, never a traceback.
 """
 from __future__ import annotations
@@ -18,12 +20,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 
 from .config import RunConfig, merge, option_fields, read_yaml_mapping
-from .registry import ENGINES, METHODS
+from .registry import ENGINES, METHODS, SEARCH_SPACES
 
 EXIT_ERROR = 2
 
@@ -92,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "into OUT, which then takes export and stage2 like any run.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN", help="run directories holding posterior.safetensors")
     p.add_argument("--out", metavar="DIR", required=True, help="new run directory for the pooled chains")
+    text = "the registered methods, engines and search spaces, with a one-line summary and their options"
+    sub.add_parser("list", help=text, description=text + " (each is one module; see README, 'Adding a method')")
     p = sub.add_parser("diagnose", help="convergence diagnostics and an HTML report of a run's posterior",
                        description="Write RUN/trace.nc (ArviZ InferenceData) and RUN/report.html (verdict, R-hat, "
                                    "ESS, traces, λ̂ curve, mask summary, stage-2 metrics).")
@@ -179,6 +184,8 @@ def _command(args: argparse.Namespace) -> dict | None:
         return {"posterior": str(out / "posterior.safetensors"), "chains": merged.chains, "draws": merged.counts}
     if args.command == "bench":
         return _bench(args)
+    if args.command == "list":
+        return parts()
     run_dir = Path(args.run_dir)
     base = _existing_config(run_dir)
     if args.command == "export":
@@ -197,6 +204,19 @@ def _command(args: argparse.Namespace) -> dict | None:
     config = resolve_config(args, base)
     pipeline.write_config(config, run_dir)
     return pipeline.stage2(config, run_dir)
+
+
+def parts() -> dict:
+    """Every registered part: name → summary, options (and an engine's kind)."""
+    listing = {}
+    for kind, registry in (("methods", METHODS), ("engines", ENGINES), ("search_spaces", SEARCH_SPACES)):
+        listing[kind] = {}
+        for name in registry.names():
+            part = registry.get(name)
+            options = [f.name for f in dataclasses.fields(part.options)] if part.options is not None else []
+            listing[kind][name] = {"summary": part.summary, "options": options,
+                                   **({"kind": part.kind} if kind == "engines" else {})}
+    return listing
 
 
 def _bench(args: argparse.Namespace) -> dict:
@@ -237,7 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bayestune: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
-    print(json.dumps(result, indent=2, ensure_ascii=False))
+    try:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    except BrokenPipeError:  # e.g. `bayestune list | head`: the reader is gone, which is not an error
+        sys.stdout = open(os.devnull, "w")  # Python flushes stdout at exit; to a closed pipe that would fail
     return 0
 
 

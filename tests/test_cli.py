@@ -100,6 +100,15 @@ def test_help_groups_the_options_of_every_method_and_engine(capsys):
     assert "--friction" in text and "--sift-modules" in text
 
 
+def test_list_names_every_registered_part_with_its_options(capsys):
+    assert main(["list"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert {"bayestune", "sift", "lora"} <= set(listing["methods"]) and "sghmc" in listing["engines"]
+    assert listing["methods"]["sift"]["options"] == ["sift_batches", "sift_modules"]
+    assert listing["engines"]["sghmc"]["kind"] == "sampler" and listing["engines"]["vi"]["kind"] == "variational"
+    assert listing["search_spaces"]["subset"]["options"] == ["include", "exclude"]
+
+
 def test_unknown_config_field_is_named(tmp_path, capsys):
     cfg = tmp_path / "exp.yaml"
     cfg.write_text("learning_rate: 0.1\n")

@@ -77,8 +77,8 @@ class LangevinKernel(Kernel):
     hint = "lower --lr / --lr-lambda or set --clip-norm"
 
     def __init__(self, s, options, seed: int, config: SGLDConfig, potential: Potential, rule: type[SGLD] = SGLD,
-                 gibbs: bool = False, sampler: bool = True):
-        self.potential, self.gibbs, self.sampler, self.lifted = potential, gibbs, sampler, s.lifted
+                 gibbs: bool = False):
+        self.potential, self.gibbs, self.lifted = potential, gibbs, s.lifted
         self.z = potential.init(options.lambda_init)
         self.generator = torch.Generator(device=s.lifted.theta_bar.device).manual_seed(seed)
         self.update = rule(config, self.z, self.generator)
@@ -160,13 +160,13 @@ def map_kernel(s, options, engine_options: MAPOptions, seed: int) -> LangevinKer
                         eps=precond_eps(e, options), clip_norm=e.clip_norm,
                         freeze_preconditioner=e.freeze_preconditioner)
     # MAP is the mode of the model's own density in λ (as AutoDelta's), so no Jacobian when γ = 0
-    return LangevinKernel(s, options, seed, config, Potential(s.model, jacobian=False), sampler=False)
+    return LangevinKernel(s, options, seed, config, Potential(s.model, jacobian=False))
 
 
 def noisy_adam_kernel(s, options, engine_options: NoisyAdamOptions, seed: int) -> LangevinKernel:
     config = SGLDConfig(n_hat=options.n_hat, gamma=engine_options.gamma, preconditioner="adam")
     potential = Potential(s.model, lambda_space="linear", clip_likelihood=1.0)
-    return LangevinKernel(s, options, seed, config, potential, sampler=False)
+    return LangevinKernel(s, options, seed, config, potential)
 
 
 register(Engine("sgld", "preconditioned SGLD at temperature γ² (optionally Gibbs for λ)", sgld_kernel,

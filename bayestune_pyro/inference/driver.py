@@ -35,9 +35,8 @@ class NonFiniteError(FloatingPointError):
 
 
 class Kernel:
-    """One chain's state and transition. ``sampler``: its states are draws of the (tempered) posterior."""
+    """One chain's state and transition (what its states are is the registered ``Engine``'s ``kind``)."""
 
-    sampler = False
     hint = "lower --lr / --lr-lambda"  # what to try when the loss becomes NaN
 
     def setup(self, batch: dict) -> None:
