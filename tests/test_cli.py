@@ -4,8 +4,10 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from bayestune_pyro.cli import build_parser, main, resolve_config
+from bayestune_pyro.config import RunConfig
 
 FAST = ["--backbone", "tiny-bert", "--shots-per-class", "2", "--max-length", "16", "--steps", "6", "--warmup", "2",
         "--burnin", "2", "--thin", "1", "--stage2-steps", "2"]
@@ -98,6 +100,18 @@ def test_help_groups_the_options_of_every_method_and_engine(capsys):
                   "options of engine vi"):
         assert group in text
     assert "--friction" in text and "--sift-modules" in text
+
+
+def test_a_run_directory_of_an_earlier_version_still_reads(tmp_path):
+    """Earlier versions wrote config.yaml as one flat record of every method's and engine's options."""
+    old = {"task": "bbc-news", "method": "sift", "inference": "sgld", "gamma": 1.0, "n_hat": 1e9, "sift_batches": 2,
+           "sift_modules": ["*"], "lora_rank": None, "grad_batches": 8, "vi_init_scale": 1e-4, "include": ["*"],
+           "exclude": [], "sigma": 1.0, "p": 0.005, "stage2_steps": 7}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    config = RunConfig.from_yaml(tmp_path / "config.yaml", strict=False)
+    assert (config.method, config.sift_batches, config.stage2_steps, config.inference) == ("sift", 2, 7, None)
+    with pytest.raises(ValueError, match="inference: method 'sift' has no stage-1 engine"):
+        RunConfig.from_yaml(tmp_path / "config.yaml")  # as a user's file: the other parts' keys are errors
 
 
 def test_list_names_every_registered_part_with_its_options(capsys):
