@@ -127,7 +127,8 @@ def stage2(config: RunConfig, run_dir: str | os.PathLike, progress: bool = True)
         seconds = time.perf_counter() - start
         scores = evaluate(tuner.forward, s.test_loader(), s.task.spec, s.lifted.theta_bar.device)
         n_changed = tuner.n_changed()
-        sparse = tuner.sparse_delta(config.backbone, s.task.spec.num_labels, config.seed, config.pretrained)
+        sparse = tuner.sparse_delta(config.backbone, s.task.spec.num_labels, config.seed, config.pretrained,
+                                    config.to_dict()["search_space"])
     finally:
         tuner.release()  # the module's parameters are θ̄ again, whatever happened
     metric = s.task.spec.metric

@@ -2,12 +2,14 @@
 
 ``delta.safetensors`` holds, for every covered tensor with updated coordinates, ``<name>.index`` (flat indices
 within the tensor) and ``<name>.delta`` (θ − θ̄ there), plus the full head as ``head.<name>``. Its header names
-the backbone and the number of labels, so ``merge`` rebuilds the fine-tuned model from a fresh load of the
-pretrained backbone: θ_i = θ̄_i + δ_i on the mask, θ̄_i everywhere else (the same float addition stage 2 did,
-so predictions are identical).
+the backbone, the number of labels and the search space, so ``merge`` rebuilds the fine-tuned model from a fresh
+load of the pretrained backbone (with the search space's added modules attached again, seeded as before):
+θ_i = θ̄_i + δ_i on the mask, θ̄_i everywhere else (the same float addition stage 2 did, so predictions are
+identical).
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -18,6 +20,7 @@ from torch import nn
 from ..io import save_tensors
 from ..models.backbones import Backbone, load_backbone
 from ..models.lifted import Layout
+from ..registry import SEARCH_SPACES
 
 FORMAT = "bayestune-sparse-delta/1"
 
@@ -32,10 +35,12 @@ class SparseDelta:
     num_labels: int
     seed: int = 0
     pretrained: bool = True
+    search_space: dict | None = None  # {"name": ..., options}; None: the pretrained parameters only (subset)
 
     @classmethod
     def from_flat(cls, layout: Layout, index: torch.Tensor, delta: torch.Tensor, head: dict[str, torch.Tensor],
-                  backbone: str, num_labels: int, seed: int = 0, pretrained: bool = True) -> SparseDelta:
+                  backbone: str, num_labels: int, seed: int = 0, pretrained: bool = True,
+                  search_space: dict | None = None) -> SparseDelta:
         """Split flat (sorted) mask indices and their deltas into per-tensor pieces."""
         updates = {}
         bounds = torch.tensor(layout.offsets + (layout.d,), device=index.device)
@@ -46,7 +51,8 @@ class SparseDelta:
                 local = index[lo:hi] - layout.offsets[i]
                 updates[name] = (local.to(torch.int32 if layout.numels[i] < 2**31 else torch.int64),
                                  delta[lo:hi].detach().clone())
-        return cls(updates, {k: v.detach().clone() for k, v in head.items()}, backbone, num_labels, seed, pretrained)
+        return cls(updates, {k: v.detach().clone() for k, v in head.items()}, backbone, num_labels, seed, pretrained,
+                   search_space)
 
     @property
     def n_updated(self) -> int:
@@ -57,9 +63,11 @@ class SparseDelta:
         for name, (index, delta) in self.updates.items():
             tensors[f"{name}.index"], tensors[f"{name}.delta"] = index, delta
         tensors.update({f"head.{k}": v for k, v in self.head.items()})
-        save_tensors(path, tensors, metadata={"format": FORMAT, "backbone": self.backbone,
-                                              "num_labels": str(self.num_labels), "seed": str(self.seed),
-                                              "pretrained": str(self.pretrained).lower()})
+        meta = {"format": FORMAT, "backbone": self.backbone, "num_labels": str(self.num_labels),
+                "seed": str(self.seed), "pretrained": str(self.pretrained).lower()}
+        if self.search_space is not None:
+            meta["search_space"] = json.dumps(self.search_space)
+        save_tensors(path, tensors, metadata=meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SparseDelta:
@@ -71,8 +79,9 @@ class SparseDelta:
         head = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}
         names = {k[: -len(".index")] for k in tensors if k.endswith(".index") and not k.startswith("head.")}
         updates = {n: (tensors[f"{n}.index"], tensors[f"{n}.delta"]) for n in sorted(names)}
+        space = json.loads(meta["search_space"]) if "search_space" in meta else None
         return cls(updates, head, meta["backbone"], int(meta["num_labels"]), int(meta.get("seed", 0)),
-                   meta.get("pretrained", "true") == "true")
+                   meta.get("pretrained", "true") == "true", space)
 
     @torch.no_grad()
     def merge_into(self, model: nn.Module) -> nn.Module:
@@ -90,5 +99,9 @@ def merge(path: str | os.PathLike, device: str | torch.device = "cpu") -> Backbo
     """A fresh pretrained backbone with the delta at ``path`` merged in."""
     sparse = SparseDelta.load(path)
     backbone = load_backbone(sparse.backbone, sparse.num_labels, pretrained=sparse.pretrained, seed=sparse.seed)
+    if sparse.search_space is not None:
+        options = {k: v for k, v in sparse.search_space.items() if k != "name"}
+        spec = SEARCH_SPACES.get(sparse.search_space["name"])
+        spec.build(spec.options.from_values(options, f"search space {spec.name}")).attach(backbone.model)
     sparse.merge_into(backbone.model.to(device))
     return backbone

@@ -65,7 +65,8 @@ class Tuner:
         """How many coordinates left θ̄, where that differs from ``n_updated`` (None otherwise)."""
         return None
 
-    def sparse_delta(self, backbone: str, num_labels: int, seed: int, pretrained: bool) -> SparseDelta | None:
+    def sparse_delta(self, backbone: str, num_labels: int, seed: int, pretrained: bool,
+                     search_space: dict | None = None) -> SparseDelta | None:
         """The fine-tuned model as a sparse delta over θ̄ (None for tuners that train outside a fixed mask)."""
         return None
 
@@ -210,9 +211,10 @@ class SparseFineTuner(Tuner):
             self.hooks = []
             self.lifted.unbind()
 
-    def sparse_delta(self, backbone: str, num_labels: int, seed: int, pretrained: bool) -> SparseDelta:
+    def sparse_delta(self, backbone: str, num_labels: int, seed: int, pretrained: bool,
+                     search_space: dict | None = None) -> SparseDelta:
         named = dict(self.lifted.model.named_parameters())
         head = {n: named[n] for n in self.lifted.head_names}
         return SparseDelta.from_flat(self.lifted.layout, self.index, self.delta, head, backbone, num_labels,
-                                     seed, pretrained)
+                                     seed, pretrained, search_space)
 
