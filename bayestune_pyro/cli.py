@@ -6,6 +6,7 @@
     bayestune stage2 RUN [options]                          stage 2 + evaluation from RUN's mask
     bayestune merge-chains RUN_A RUN_B ... --out RUN         pool separately run chains
     bayestune diagnose RUN                                  convergence checks: RUN/trace.nc and RUN/report.html
+    bayestune sweep RUN --p P1,P2,...                       stage 2 at each budget p; p chosen on validation
     bayestune list                                          the registered methods, engines and search spaces
     bayestune bench --tasks T,... [--data-root DIR] [--methods all] [--p 0.005] [--seeds 3] [--out DIR]
                     [--per-task TASK.FIELD=VALUE ...] [--per-method METHOD.FIELD=VALUE ...]
@@ -95,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "into OUT, which then takes export and stage2 like any run.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN", help="run directories holding posterior.safetensors")
     p.add_argument("--out", metavar="DIR", required=True, help="new run directory for the pooled chains")
+    text = "stage 2 at every budget p, each mask cut from RUN's posterior; p is chosen on the validation split"
+    p = sub.add_parser("sweep", help=text, description=text + ". Writes RUN/sweep/p=<p>/ and RUN/sweep.json; "
+                       "`bayestune diagnose RUN` then draws the curve.")
+    p.add_argument("run_dir", metavar="RUN", help="run directory holding posterior.safetensors and config.yaml")
+    p.add_argument("--p", required=True, help="comma-separated budgets, e.g. 0.001,0.005,0.01,0.05")
     text = "the registered methods, engines and search spaces, with a one-line summary and their options"
     sub.add_parser("list", help=text, description=text + " (each is one module; see README, 'Adding a method')")
     p = sub.add_parser("diagnose", help="convergence diagnostics and an HTML report of a run's posterior",
@@ -197,6 +203,14 @@ def _command(args: argparse.Namespace) -> dict | None:
         return {"mask": str(run_dir / "mask.safetensors"), "k": mask.k, "d": mask.layout.d, "p": mask.p,
                 "threshold": mask.threshold, "lambda_cut": mask.info.get("lambda_cut"), "lambda_th": lambda_th,
                 "selection": mask.info["selection"], "rank": mask.info["rank"]}
+    if args.command == "sweep":
+        try:
+            budgets = [float(v) for v in args.p.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"p: expected comma-separated fractions, got {args.p!r}") from None
+        if not budgets or not all(0 < v <= 1 for v in budgets):
+            raise ValueError(f"p: must be fractions in (0, 1], got {args.p!r}")
+        return pipeline.sweep(run_dir, budgets)
     if args.command == "diagnose":
         from .diagnostics.report import diagnose
 

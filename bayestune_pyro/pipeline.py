@@ -189,6 +189,38 @@ def run_grid(config: RunConfig, run_dir: Path, progress: bool = True) -> dict:
     return metrics
 
 
+def sweep(run_dir: str | os.PathLike, budgets: list[float], progress: bool = True) -> dict:
+    """Stage 2 at every budget p of ``budgets``, each cut from the run's posterior, in ``RUN/sweep/p=<p>/``; the
+    p whose stage 2 scores best on the *validation* split is chosen (the paper's Fig. 1 right and Fig. 3).
+
+    Writes ``RUN/sweep.json``: one row per p (k, validation and test metric) and ``chosen``. A finished point of
+    an interrupted sweep is not rerun; a NaN validation score never wins.
+    """
+    run_dir = Path(run_dir)
+    config = RunConfig.from_yaml(run_dir / "config.yaml", strict=False)
+    if not config.validation_fraction > 0:
+        raise ValueError("p_sweep: p is chosen on the validation split; run with --validation-fraction > 0")
+    if not (run_dir / "posterior.json").exists():
+        raise ValueError(f"run: {str(run_dir)!r} has no posterior to cut the sweep's masks from")
+    posterior, rows = StreamingPosterior.load(run_dir), []
+    for p in sorted(budgets):
+        sub = run_dir / "sweep" / f"p={p:g}"
+        if not (sub / "metrics.json").exists():
+            point = config.replace(p=p, threshold=None)
+            write_config(point, sub)
+            select(posterior, p).save(sub)
+            stage2(point, sub, progress)
+        metrics = read_json(sub / "metrics.json")
+        rows.append({"p": p, "k": metrics["n_updated"], "validation": metrics.get("validation_score"),
+                     "test": metrics[f"test_{metrics['metric']}"], "metric": metrics["metric"]})
+    finite = [r for r in rows if r["validation"] is not None and math.isfinite(r["validation"])]
+    if not finite:
+        raise FloatingPointError(f"p_sweep: no budget has a finite validation score ({run_dir})")
+    result = {"rows": rows, "chosen": max(finite, key=lambda r: r["validation"])["p"]}  # the smallest p wins a tie
+    write_json(run_dir / "sweep.json", result)
+    return result
+
+
 def _seconds(run_dir: Path) -> float:
     return sum(v or 0.0 for v in read_json(run_dir / "metrics.json")["seconds"].values())
 

@@ -134,3 +134,29 @@ def test_regression_head_starts_at_the_training_mean(task):
         assert bias.item() == pytest.approx(s.task.target_mean)
     else:  # classification heads start at zero
         assert s.task.target_mean is None and not bias.any()
+
+
+def test_a_budget_sweep_chooses_p_on_validation_and_the_report_draws_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), *TINY_TEXT, "--validation-fraction", "0.3", "--eval-every", "3"]) == 0
+    assert main(["sweep", str(out), "--p", "0.02,0.002"]) == 0
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [r["p"] for r in sweep["rows"]] == [0.002, 0.02]
+    best = max(sweep["rows"], key=lambda r: r["validation"])
+    assert sweep["chosen"] == best["p"] and json.loads(capsys.readouterr().out.split("\n}\n")[-2] + "\n}") == sweep
+    for row in sweep["rows"]:
+        mask = Mask.load(out / "sweep" / f"p={row['p']:g}")
+        assert row["k"] == mask.k == math.floor(row["p"] * mask.layout.d)
+        metrics = json.loads((out / "sweep" / f"p={row['p']:g}" / "metrics.json").read_text())
+        assert row["test"] == metrics["test_accuracy"] and row["validation"] == metrics["validation_score"]
+    assert main(["diagnose", str(out)]) == 0
+    assert "Budget sweep" in (out / "report.html").read_text()
+    assert main(["sweep", str(out), "--p", "0,0.5"]) == 2
+    assert "p: must be fractions" in capsys.readouterr().err
+
+
+def test_a_sweep_needs_a_validation_split(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["stage1", "--out", str(out), *TINY_TEXT]) == 0
+    assert main(["sweep", str(out), "--p", "0.01"]) == 2
+    assert "validation-fraction" in capsys.readouterr().err

@@ -4,6 +4,7 @@
 - ``trace_plot`` / ``rank_plot``: ArviZ trace and rank plots of log λ at a few tracked coordinates;
 - ``diagnostic_histograms``: R-hat, bulk and tail ESS of all tracked coordinates against their thresholds;
 - ``mask_shares``: the share of each module type's and each layer's parameters in the mask (the paper's Figs. 6–38);
+- ``sweep_plot``: validation and test metric against the budget p, from ``sweep.json`` (``bayestune sweep``).
 """
 from __future__ import annotations
 
@@ -133,3 +134,19 @@ def _bars(ax, labels, group: xr.Dataset) -> None:
     bars = ax.bar(labels, share, color="tab:blue")
     ax.bar_label(bars, labels=[f"{int(k):,}" for k in group["in_mask"].values], fontsize=7)
     ax.margins(y=0.15)
+
+
+def sweep_plot(sweep: dict) -> Figure:
+    """Validation and test metric against p (log axis) from ``sweep.json``, the chosen p marked."""
+    rows = sorted(sweep["rows"], key=lambda r: r["p"])
+    fig = new_figure(6.5, 3.6)
+    ax = fig.add_subplot()
+    ps = [r["p"] for r in rows]
+    ax.semilogx(ps, [r["validation"] for r in rows], "o-", color="tab:blue", label="validation (chooses p)")
+    ax.semilogx(ps, [r["test"] for r in rows], "s--", color="tab:orange", label="test")
+    ax.axvline(sweep["chosen"], color="0.4", lw=1, ls=":", label=f"chosen p = {sweep['chosen']:g}")
+    ax.set(title="Stage-2 metric against the budget p", xlabel="p (share of covered coordinates fine-tuned)",
+           ylabel=rows[0]["metric"])
+    ax.grid(True, alpha=0.3)
+    ax.legend(frameon=False)
+    return fig

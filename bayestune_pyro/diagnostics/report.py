@@ -21,6 +21,7 @@ import pandas as pd
 from ..config import RunConfig
 from ..inference.posterior import StreamingPosterior
 from ..io import atomic_path, read_json
+from ..registry import ENGINES
 from ..selection.masks import Mask
 from ..selection.uncertainty import Curve, inclusion_from_draws, inclusion_probability, select
 from . import figures
@@ -108,6 +109,7 @@ def _page(run_dir: Path, posterior: StreamingPosterior, config: RunConfig, idata
     agreement = chain_agreement(posterior, mask.p) if posterior.chains > 1 and mask.k else None
     tensors = tensor_summary(posterior, mask)
     metrics = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else None
+    sweep = read_json(run_dir / "sweep.json") if (run_dir / "sweep.json").is_file() else None
 
     verdict = [("Mixing", convergence.status, convergence.verdict), _stability(agreement)]
     selection_rows = {"source": mask_source, "selection": mask.info.get("selection", "p" if mask.threshold is None
@@ -141,8 +143,11 @@ def _page(run_dir: Path, posterior: StreamingPosterior, config: RunConfig, idata
         "covered coordinates d": posterior.d, "tracked coordinates K": int(posterior.tracked_index.numel()),
         "chains": posterior.chains, "draws per chain": ", ".join(map(str, posterior.counts)),
         "stage-1 seconds": posterior.meta.get("seconds"), "N̂": config.n_hat, "α, β": f"{config.alpha}, {config.beta}",
-        "preconditioner": config.preconditioner, "lr (θ), lr (log λ)": f"{config.lr}, {config.lr_lambda}",
-        "γ (temperature γ²)": config.gamma, "steps: warm-up / burn-in / sampling, thin":
+        "lr (θ), lr (log λ)": f"{config.lr}, {config.lr_lambda}",
+        "engine": f"{config.inference} ({ENGINES.get(config.inference).kind})",
+        "engine options": ", ".join(f"{k}={v}" for k, v in config.engine_options.to_dict().items())
+        if config.engine_options is not None else "none",
+        "steps: warm-up / burn-in / sampling, thin":
             f"{config.warmup} / {config.burnin} / {config.steps - config.warmup - config.burnin}, {config.thin}"}))
     parts.append("<h2>Convergence of the tracked coordinates</h2>"
                  "<p class='note'>ArviZ on the K tracked coordinates of λ and θ − θ̄ (rank-normalised split R-hat, "
@@ -176,6 +181,11 @@ def _page(run_dir: Path, posterior: StreamingPosterior, config: RunConfig, idata
     parts.append("<h2>Posterior variance of λ per tensor</h2><p class='note'>From the streaming moments of all d "
                  "coordinates (pooled over chains).</p><details><summary>Table (one row per parameter tensor)</summary>"
                  + _table(tensors.to_dataframe()) + "</details>")
+    if sweep is not None:
+        rows = pd.DataFrame(sweep["rows"]).set_index("p")[["k", "validation", "test"]]
+        parts.append(f"<h2>Budget sweep</h2><p class='note'>Stage 2 at each p (<code>bayestune sweep</code>); p = "
+                     f"{sweep['chosen']:g} scores best on the validation split.</p>" + _table(rows)
+                     + _figure(figures.sweep_plot(sweep)))
     parts.append("<h2>Stage 2</h2>" + (_grid(_flat(metrics)) if metrics else "<p>Not run yet (no metrics.json).</p>"))
     parts.append("<h2>Configuration</h2>" + _grid(config.to_dict()))
     return ("<!doctype html><html lang='en'><head><meta charset='utf-8'><title>BayesTune diagnostics: "
