@@ -1,6 +1,7 @@
 """Figures of a run, as matplotlib ``Figure`` objects (no pyplot state; ``to_png`` renders them with Agg).
 
 - ``lambda_curve``: sorted posterior means λ̂ against the sparsity level p, log-log, with p, λ_th and the knee;
+- ``lambda_curves_by_group``: the same within each module type (additive kinds included) and each layer;
 - ``trace_plot`` / ``rank_plot``: ArviZ trace and rank plots of log λ at a few tracked coordinates;
 - ``diagnostic_histograms``: R-hat, bulk and tail ESS of all tracked coordinates against their thresholds;
 - ``mask_shares``: the share of each module type's and each layer's parameters in the mask (the paper's Figs. 6–38);
@@ -14,6 +15,7 @@ import arviz as az
 import numpy as np
 import pandas as pd
 import xarray as xr
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -54,6 +56,29 @@ def lambda_curve(curve: Curve, p: float | None = None, threshold: float | None =
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="lower left")
     return fig
+
+
+def lambda_curves_by_group(by_type: dict[str, Curve], by_layer: dict[str, Curve],
+                           threshold: float | None = None) -> Figure:
+    """Sorted λ̂ within each module type (left) and each layer (right), against the share of the group's
+    coordinates: where the posterior puts its scale, and so its budget."""
+    fig = new_figure(11, 4.2)
+    for ax, (title, curves) in zip(fig.subplots(1, 2), (("module type", by_type), ("layer", by_layer))):
+        colors = _palette(len(curves))
+        for color, (name, curve) in zip(colors, curves.items()):
+            keep = curve.values > 0
+            ax.loglog(curve.p[keep], curve.values[keep], color=color, lw=1.3, label=f"{name} ({curve.d:,})")
+        if threshold:
+            ax.axhline(threshold, color="black", ls=":", lw=1, label=f"λ_th = {threshold:.3g}")
+        ax.set(title=f"Sorted λ̂ per {title}", xlabel="share of the group's coordinates", ylabel="λ̂")
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2 if len(curves) > 8 else 1, loc="lower left")
+    return fig
+
+
+def _palette(n: int) -> list:
+    cmap = colormaps["tab10" if n <= 10 else "viridis"]
+    return [cmap(i if n <= 10 else i / max(n - 1, 1)) for i in range(n)]
 
 
 def trace_plot(idata: az.InferenceData, coordinates: list[str]) -> Figure:

