@@ -37,7 +37,7 @@ def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] =
     """Flags generated from the configuration's fields and the registered methods' and engines' options."""
     parser.add_argument("--config", metavar="FILE", help="YAML file of options (flat or nested, keys with - or _)")
     groups = {}
-    for name, (owner, f, _) in option_fields().items():
+    for name, (owner, f, hint) in option_fields().items():
         if name in skip:
             continue
         if owner not in groups:
@@ -48,7 +48,7 @@ def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] =
         default = (defaults or {}).get(f.name, default)
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} [{default}]"
-        if f.type == "bool":
+        if hint is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=help_text)
             continue

@@ -114,6 +114,18 @@ def test_a_run_directory_of_an_earlier_version_still_reads(tmp_path):
         RunConfig.from_yaml(tmp_path / "config.yaml")  # as a user's file: the other parts' keys are errors
 
 
+def test_every_boolean_option_is_a_flag_pair():
+    from bayestune_pyro.config import option_fields
+
+    booleans = [name for name, (_, _, hint) in option_fields().items() if hint is bool]
+    assert {"pretrained", "delta_moments", "freeze_preconditioner", "gibbs", "additive_backbone"} <= set(booleans)
+    flags = [f"--{n.replace('_', '-')}" for n in booleans]
+    args = vars(build_parser().parse_args(["run", *flags]))
+    assert all(args[n] is True for n in booleans)
+    args = vars(build_parser().parse_args(["run", *[f.replace("--", "--no-", 1) for f in flags]]))
+    assert all(args[n] is False for n in booleans)
+
+
 def test_list_names_every_registered_part_with_its_options(capsys):
     assert main(["list"]) == 0
     listing = json.loads(capsys.readouterr().out)
