@@ -26,7 +26,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .config import RunConfig, merge, option_fields, read_yaml_mapping
+from .config import RunConfig, layered, option_fields
 from .registry import ENGINES, METHODS, SEARCH_SPACES
 
 EXIT_ERROR = 2
@@ -131,14 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_config(args: argparse.Namespace, base: dict | None = None, strict: bool = True) -> RunConfig:
+def resolve_config(args: argparse.Namespace, base: dict | None = None) -> RunConfig:
     """flags > --config file > ``base`` (a run's config.yaml, or the bench defaults) > defaults."""
-    values = dict(base or {})
-    if getattr(args, "config", None):
-        values = merge(values, read_yaml_mapping(args.config))
-    flags = option_fields()
-    values = merge(values, {k: v for k, v in vars(args).items() if k in flags})
-    return RunConfig.from_dict(values, source="option", strict=strict)
+    values = layered(base or {}, getattr(args, "config", None), vars(args))
+    return RunConfig.from_dict(values, source="option")
 
 
 def _existing_config(run_dir: Path) -> dict:

@@ -401,12 +401,8 @@ KINDS = (("method", METHODS), ("engine", ENGINES), ("search space", SEARCH_SPACE
 
 def _owner(key: str) -> str | None:
     """Which registered part has an option ``key`` (the first one, in registry order)."""
-    for kind, registry in KINDS:
-        for name in registry.names():
-            options = registry.get(name).options
-            if options is not None and key in fields_of(options):
-                return f"{kind} {name}"
-    return None
+    owner = option_fields().get(key, ("run",))[0]
+    return None if owner == "run" else owner
 
 
 def option_fields() -> dict[str, tuple[str, dataclasses.Field, Any]]:
@@ -450,6 +446,13 @@ def merge(base: dict, changes: dict) -> dict:
                 out.pop("engine", None)
                 out.pop("inference", None)
     return out
+
+
+def layered(base: dict, config_file: str | None, flags: dict) -> dict:
+    """``base`` (defaults of the command, or a run's config.yaml), then ``--config FILE``, then the flags given:
+    each overrides the one before; the result is what :meth:`RunConfig.from_dict` reads."""
+    values = merge(base, read_yaml_mapping(config_file)) if config_file else dict(base)
+    return merge(values, {k: v for k, v in flags.items() if k in option_fields()})
 
 
 def read_yaml_mapping(path: str | os.PathLike) -> dict:

@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from ..config import RunConfig, coerce, merge, option_fields, read_yaml_mapping
+from ..config import RunConfig, coerce, layered, merge, option_fields
 from ..io import write_yaml
 from ..registry import METHODS
 from .memory import PeakMemory
@@ -37,8 +37,7 @@ BENCH_DEFAULTS = {"train_size": 1000, "validation_fraction": 0.1, "steps": 120, 
                   "thin": 4, "stage2_steps": 150, "eval_every": 50, "eval_batch_size": 128}
 GRID = ("task", "data_dir", "method", "seed", "data_seed", "p", "threshold")  # set per cell, not protocol
 # what an option added later meant in a bench.yaml written before it: the behaviour of the code at the time
-LEGACY = {"precond_eps": 1e-8, "freeze_preconditioner": False, "gibbs": False, "lambda_estimator": "draws",
-          "per_method": {}}
+LEGACY = {"precond_eps": 1e-8, "freeze_preconditioner": False, "gibbs": False, "lambda_estimator": "draws"}
 HEAVY = ("posterior.safetensors", "delta.safetensors", "stage1.ckpt", "trace.nc")
 
 
@@ -73,11 +72,8 @@ def parse_list(field: str, text: str, allowed: tuple[str, ...] | None = None) ->
 
 def bench_values(args, defaults: dict) -> dict:
     """The bench's run options: ``defaults``, then --config, then flags; each cell keeps those its method has."""
-    values = dict(defaults)
-    if getattr(args, "config", None):
-        values = merge(values, read_yaml_mapping(args.config))
-    fields = option_fields()
-    values = merge(values, {k: v for k, v in vars(args).items() if k in fields and k not in GRID})
+    values = layered(defaults, getattr(args, "config", None),
+                     {k: v for k, v in vars(args).items() if k not in GRID})
     RunConfig.from_dict(values, source="option", strict=False)  # every value valid before anything runs
     return values
 

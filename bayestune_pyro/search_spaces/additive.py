@@ -50,23 +50,21 @@ class Additive(SearchSpace):
 
     def attach(self, model: nn.Module) -> None:
         generator = torch.Generator().manual_seed(self.seed)
+        targets = {"lora": self.lora_targets, "adapter": self.adapter_targets}
         attached = 0
         for name, module in list(model.named_modules()):
             if not isinstance(module, nn.Linear):
                 continue
-            dtype, device = module.weight.dtype, module.weight.device
-            if "lora" in self.kinds and any(fnmatchcase(name, p) for p in self.lora_targets):
-                module.bt_lora_A = nn.Parameter(_kaiming(self.width, module.in_features, generator, dtype, device))
-                module.bt_lora_B = nn.Parameter(torch.zeros(module.out_features, self.width, dtype=dtype,
-                                                            device=device))
-                module.register_forward_hook(_lora_hook)
-                attached += 1
-            if "adapter" in self.kinds and any(fnmatchcase(name, p) for p in self.adapter_targets):
-                module.bt_adapter_down = nn.Parameter(_kaiming(self.width, module.out_features, generator, dtype,
-                                                               device))
-                module.bt_adapter_up = nn.Parameter(torch.zeros(module.out_features, self.width, dtype=dtype,
-                                                                device=device))
-                module.register_forward_hook(_adapter_hook)
+            like = {"dtype": module.weight.dtype, "device": module.weight.device}
+            for kind in (k for k in KINDS if k in self.kinds):
+                if not any(fnmatchcase(name, p) for p in targets[kind]):
+                    continue
+                random, zero, columns, hook = FACTORS[kind]
+                setattr(module, f"{PREFIX}{kind}_{random}",
+                        nn.Parameter(_kaiming(self.width, getattr(module, columns), generator, **like)))
+                setattr(module, f"{PREFIX}{kind}_{zero}", nn.Parameter(torch.zeros(module.out_features, self.width,
+                                                                                   **like)))
+                module.register_forward_hook(hook)
                 attached += 1
         if not attached:
             raise ValueError(f"search_space: additive kinds={list(self.kinds)} found no nn.Linear matching "
@@ -75,6 +73,10 @@ class Additive(SearchSpace):
     def covered(self, names: list[str], head_names: list[str]) -> list[str]:
         head = set(head_names)
         return [n for n in names if n not in head and (self.backbone or n.rsplit(".", 1)[-1].startswith(PREFIX))]
+
+
+# kind: (the random factor, the zero factor, the nn.Linear size that is the random factor's width in, its hook)
+FACTORS = {"lora": ("A", "B", "in_features", _lora_hook), "adapter": ("down", "up", "out_features", _adapter_hook)}
 
 
 def _kaiming(rows: int, cols: int, generator: torch.Generator, dtype, device) -> torch.Tensor:
