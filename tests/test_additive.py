@@ -1,5 +1,6 @@
-"""The additive search space: zero-initialised LoRA factors and adapters leave the network bitwise unchanged,
-λ sits only on them (or on them and the backbone), and a run trains only kept added coordinates."""
+"""The additive search space: zero-initialised LoRA factors, adapters and gated prompts leave the network bitwise
+unchanged on transformers and timm backbones, λ sits only on them (or on them and the backbone), and a run trains
+only kept added coordinates."""
 import pytest
 import torch
 
@@ -17,7 +18,10 @@ def logits(backbone, batch):
         return backbone.logits(backbone.model(*args, **kwargs))
 
 
-@pytest.mark.parametrize("kinds", [("lora",), ("adapter",), ("lora", "adapter")])
+ZERO_FACTORS = ("bt_lora_B", "bt_adapter_up", "bt_prompt_gate")
+
+
+@pytest.mark.parametrize("kinds", [("lora",), ("adapter",), ("prompt",), ("lora", "adapter", "prompt")])
 def test_zero_modules_leave_the_network_bitwise_unchanged(kinds, text_batch):
     plain, added = load_backbone("tiny-bert", 3, seed=0), load_backbone("tiny-bert", 3, seed=0)
     lifted = LiftedBackbone(added, Additive(kinds=kinds, width=4))
@@ -26,11 +30,55 @@ def test_zero_modules_leave_the_network_bitwise_unchanged(kinds, text_batch):
     assert torch.equal(lifted(lifted.theta_bar, text_batch), logits(plain, text_batch))
     names = lifted.layout.names
     assert names and all(n.rsplit(".", 1)[1].startswith(tuple(f"bt_{k}" for k in kinds)) for n in names)
-    zero = {n for n in names if n.endswith(("bt_lora_B", "bt_adapter_up"))}
+    zero = {n for n in names if n.endswith(ZERO_FACTORS)}
     for name, view in lifted.layout.split(lifted.theta_bar).items():  # exactly one factor of each module is 0
         assert (view == 0).all() == (name in zero)
     moved = lifted.theta_bar + 0.1 * torch.randn(lifted.d, generator=torch.Generator().manual_seed(0))
     assert not torch.allclose(lifted(moved, text_batch), logits(plain, text_batch))
+
+
+def timm_pair(name: str, **kwargs):
+    """Two identical random-initialised timm classifiers, in eval mode."""
+    import timm
+
+    from bayestune_pyro.models.backbones import Backbone
+
+    models = [timm.create_model(name, pretrained=False, num_classes=3, **kwargs) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    head = models[0].pretrained_cfg["classifier"]
+    return [Backbone(m.eval(), [f"{head}.weight", f"{head}.bias"], "image", name) for m in models]
+
+
+@pytest.mark.parametrize("name, kwargs, kinds, size", [
+    ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2),
+     {"bt_lora_A", "bt_lora_B", "bt_adapter_down", "bt_adapter_up", "bt_prompt_tokens", "bt_prompt_gate"}, 32),
+    ("tf_efficientnet_lite0", {}, {"bt_lora_A", "bt_lora_B", "bt_adapter_down", "bt_adapter_up"}, 64),
+])
+def test_zero_modules_leave_timm_backbones_bitwise_unchanged(name, kwargs, kinds, size):
+    plain, added = timm_pair(name, **kwargs)
+    lifted = LiftedBackbone(added, Additive(width=4))
+    batch = {"pixel_values": torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))}
+    assert {n.rsplit(".", 1)[1] for n in lifted.layout.names} == kinds  # ViT: all three; EfficientNet: 1×1 convs
+    assert torch.equal(lifted(lifted.theta_bar, batch), logits(plain, batch))
+    theta = lifted.theta_bar.clone().requires_grad_()
+    lifted(theta, batch).square().sum().backward()
+    for factor, grad in lifted.layout.split(theta.grad).items():  # only the zero factors feel the loss at θ̄
+        assert (grad.abs().max() > 0) == factor.endswith(ZERO_FACTORS), factor
+
+
+def test_a_moved_prompt_changes_what_the_tokens_attend_to(text_batch):
+    plain, added = load_backbone("tiny-bert", 3, seed=0), load_backbone("tiny-bert", 3, seed=0)
+    lifted = LiftedBackbone(added, Additive(kinds=("prompt",), width=4))
+    plain.model.eval(), added.model.eval()
+    views = lifted.layout.split(lifted.theta_bar.clone())
+    gate = "bert.encoder.layer.1.attention.self.bt_prompt_gate"
+    views[gate].fill_(1.0)  # an open gate on the last layer adds softmax(q·K(P)ᵀ/√d)·V(P) to its context
+    theta = torch.cat([v.flatten() for v in views.values()])
+    moved = lifted(theta, text_batch)
+    assert not torch.allclose(moved, logits(plain, text_batch))
+    views[gate].zero_()  # closed again: bitwise the pretrained network
+    assert torch.equal(lifted(torch.cat([v.flatten() for v in views.values()]), text_batch),
+                       logits(plain, text_batch))
 
 
 def test_added_factors_are_seeded_and_both_covers_the_backbone():
@@ -39,8 +87,16 @@ def test_added_factors_are_seeded_and_both_covers_the_backbone():
     assert torch.equal(a.theta_bar, b.theta_bar)  # the added θ̄ depends on the space's seed only
     both = LiftedBackbone(load_backbone("tiny-bert", 2, seed=0), Additive(backbone=True))
     assert both.d > a.d and set(a.layout.names) < set(both.layout.names)
+    lora_only = LiftedBackbone(load_backbone("tiny-bert", 2, seed=0), Additive(kinds=("lora",), seed=3))
+    lora_of_all = {n: v for n, v in a.layout.split(a.theta_bar).items() if ".bt_lora_" in n}
+    assert lora_of_all.keys() == lora_only.layout.split(lora_only.theta_bar).keys()
+    assert all(torch.equal(v, lora_only.layout.split(lora_only.theta_bar)[n]) for n, v in lora_of_all.items())
     with pytest.raises(ValueError, match="search_space: additive"):
         LiftedBackbone(load_backbone("tiny-bert", 2), Additive(kinds=("lora",), lora_targets=("nothing",)))
+    with pytest.raises(ValueError, match="additive_prompt_targets: 'bert.encoder.layer.0.output' .* not a self-att"):
+        LiftedBackbone(load_backbone("tiny-bert", 2), Additive(kinds=("prompt",), prompt_targets=("*0.output",)))
+    with pytest.raises(ValueError, match="additive_lora_targets: 'bert.encoder.layer.0.attention.self' is a Bert"):
+        LiftedBackbone(load_backbone("tiny-bert", 2), Additive(kinds=("lora",), lora_targets=("*0.attention.self",)))
 
 
 def test_a_run_on_the_additive_space_fine_tunes_only_added_coordinates(tmp_path):
@@ -51,5 +107,5 @@ def test_a_run_on_the_additive_space_fine_tunes_only_added_coordinates(tmp_path)
     mask = Mask.load(tmp_path)
     assert all(n.rsplit(".", 1)[1].startswith("bt_") for n, c in mask.counts().items() if c)
     assert metrics["n_updated"] == mask.k == int(0.05 * metrics["n_total"]) > 0
-    with pytest.raises(ValueError, match="additive_kinds: unknown value 'prompt'"):
-        RunConfig.from_dict({"search_space": "additive", "additive_kinds": ["prompt"]})
+    with pytest.raises(ValueError, match="additive_kinds: unknown value 'vpt'"):
+        RunConfig.from_dict({"search_space": "additive", "additive_kinds": ["vpt"]})

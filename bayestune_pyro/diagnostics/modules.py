@@ -10,6 +10,7 @@ import re
 MODULE_TYPES = (
     ("lora", r"\.bt_lora_"),  # the additive search space's modules (search_spaces/additive.py)
     ("adapter", r"\.bt_adapter_"),
+    ("prompt", r"\.bt_prompt_"),
     ("LayerNorm", r"layernorm|layer_norm|(^|\.)(ln|norm)\w*\."),
     ("embeddings", r"embed|cls_token"),
     ("query", r"\.query\.|q_proj"),
