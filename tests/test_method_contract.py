@@ -1,4 +1,5 @@
-"""The contract every registered method keeps, checked over the registry (a new method is checked by adding it).
+"""The contract every registered method keeps, checked over the registry (a new method is checked by adding it),
+on the backbone's own coordinates (``subset``) and on added modules only (``additive``):
 
 - the mask holds exactly the budget k = ⌊p·d⌋ distinct coordinates (BitFit: its natural p when below it; linear: 0);
 - ``n_updated`` agrees with what training *measurably* did: the coordinates of the θ the network runs with that
@@ -20,6 +21,11 @@ TINY = dict(backbone="tiny-bert", shots_per_class=4, max_length=24, batch_size=8
             thin=2, stage2_steps=3, n_tracked=8, grad_batches=2, stage2_lr=0.05, weight_decay=0.1, p=0.01)
 
 
+# methods whose premise the additive space (only added, zero-or-random-initialised modules) does not meet
+UNFIT_FOR_ADDED_MODULES = {"bitfit": "bitfit needs bias terms", "lora": "lora_targets: .* match no covered",
+                           "magnitude": "magnitude ranks pretrained weights"}
+
+
 def network_theta(s, tuner, batch) -> torch.Tensor:
     """The flat covered θ the network computes with in ``tuner.forward``, spied on the way in."""
     lifted, seen = s.lifted, {}
@@ -39,11 +45,16 @@ def network_theta(s, tuner, batch) -> torch.Tensor:
     return torch.cat([seen.get(n, named[n]).detach().reshape(-1) for n in lifted.layout.names])
 
 
+@pytest.mark.parametrize("space", ["subset", "additive"])
 @pytest.mark.parametrize("name", METHODS.names())
-def test_every_method_keeps_the_contract(name, tmp_path):
+def test_every_method_keeps_the_contract(name, space, tmp_path):
     method = METHODS.get(name)
-    config = RunConfig.from_dict({**TINY, "method": name}, strict=False)
+    config = RunConfig.from_dict({**TINY, "method": name, "search_space": space, "additive_width": 4}, strict=False)
     s = setup(config)
+    if space == "additive" and name in UNFIT_FOR_ADDED_MODULES:  # a one-line error, not a meaningless mask
+        with pytest.raises(ValueError, match=UNFIT_FOR_ADDED_MODULES[name]):
+            method.tuner(s, config.options, method.select(s, config.options) if method.select else None)
+        return
     d, k = s.lifted.d, math.floor(config.p * s.lifted.d)
     mask = None
     if method.posterior:
