@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import pydantic
 import yaml
 
-from .data.tasks import TASKS
+from .data.tasks import HUB_ID_TASKS, TASKS
 from .registry import ENGINES, METHODS, SEARCH_SPACES
 
 
@@ -162,21 +162,25 @@ class Schedule:
 @dataclass
 class RunConfig:
     # data
-    task: str = option("bbc-news", "task name (bbc-news is the offline default; GLUE/SuperGLUE need --data-dir "
-                       "offline)")
-    data_dir: str | None = option(None, "directory with the task's distribution files (GLUE: train.tsv, dev.tsv)")
+    task: str = option("bbc-news", f"task name: {', '.join(TASKS)} (bbc-news is the offline default; GLUE/SuperGLUE "
+                       "need --data-dir offline)")
+    data_dir: str | None = option(None, "directory with the task's distribution files (GLUE: train.tsv, dev.tsv); "
+                                  "image-folder: DIR with train/<class>/*.png and test/<class>/*.png (or val/); "
+                                  "hf-images: a datasets directory (save_to_disk) or a hub dataset id")
     seed: int = option(0, "seed of a chain: head initialisation, data order, dropout and Langevin noise")
     data_seed: int = option(0, "seed of the data: few-shot selection, --train-size subset (same for every chain)")
     max_length: int = option(64, "tokens per example after truncation")
     batch_size: int = option(16, "minibatch size |B| in both stages")
     eval_batch_size: int = option(64, "batch size for evaluation")
+    image_size: int | None = option(None, "image tasks: the side in pixels images are resized to (default: the "
+                                    "backbone's input size, e.g. 224 for EfficientNet-Lite0; a ViT takes only its own)")
     train_size: int | None = option(None, "cap the training set at this many examples (seeded subset)")
     shots_per_class: int = option(32, "bbc-news: training examples per class")
     validation_fraction: float = option(0.0, "fraction of the training set held out for model selection: stage 2 "
                                         "restores the state with the best validation metric")
     sigma: float = option(1.0, "regression tasks: noise scale σ of the Normal likelihood")
     # backbone
-    backbone: str = option("minilm-l6", "minilm-l6 (packaged), tiny-bert, hf:<hub id or dir>, timm:<name>")
+    backbone: str = option("minilm-l6", "minilm-l6 (packaged), tiny-bert, tiny-vit, hf:<hub id or dir>, timm:<name>")
     pretrained: bool = option(True, "load pretrained weights (timm / hf); false = random initialisation")
     device: str = option("cpu", "torch device: cpu, cuda, cuda:1, ...")
     # search space (its options live in its module)
@@ -215,12 +219,14 @@ class RunConfig:
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"task: unknown value {self.task!r}; choose one of: {', '.join(TASKS)}")
-        if self.data_dir is not None and not Path(self.data_dir).is_dir():
+        if self.data_dir is not None and self.task not in HUB_ID_TASKS and not Path(self.data_dir).is_dir():
             raise ValueError(f"data_dir: {self.data_dir!r} is not a directory")
         check_at_least_one(self, "max_length", "batch_size", "eval_batch_size", "shots_per_class", "stage2_steps",
                            "eval_every")
         if self.train_size is not None and self.train_size < 1:
             raise ValueError(f"train_size: must be >= 1 or unset, got {self.train_size!r}")
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"image_size: must be >= 1 or unset, got {self.image_size!r}")
         check_positive(self, "head_lr", "stage2_lr", "sigma")
         if not 0 <= self.validation_fraction <= 0.5:
             raise ValueError(f"validation_fraction: must be in [0, 0.5], got {self.validation_fraction!r}")

@@ -1,12 +1,14 @@
 """``Setup``: everything a stage needs (task, lifted backbone, model, batches, budget), built from a RunConfig."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from .config import RunConfig
 from .data import TaskData, infinite_batches, load_task, make_loader
+from .data.images import ImageExample
 from .finetune.evaluate import evaluate
 from .finetune.stage2 import Stage2Config
 from .models.backbones import load_backbone
@@ -14,6 +16,8 @@ from .models.gamma_laplace import GammaLaplaceModel
 from .models.lifted import LiftedBackbone
 from .registry import SEARCH_SPACES
 from .selection.masks import budget
+
+_BACKBONES = {"text": "minilm-l6, tiny-bert or hf:<hub id or dir>", "image": "tiny-vit or timm:<name>"}
 
 
 @dataclass
@@ -38,19 +42,21 @@ class Setup:
 
     def train_batches(self, seed: int | None = None):
         """Shuffled training batches, epoch after epoch (order seeded by ``seed``, default the run's seed)."""
-        loader = make_loader(self.task.train, self.lifted.backbone.tokenizer, batch_size=self.config.batch_size,
+        backbone = self.lifted.backbone
+        loader = make_loader(self.task.train, backbone.tokenizer, batch_size=self.config.batch_size,
                              max_length=self.config.max_length, shuffle=True,
                              seed=self.config.seed if seed is None else seed,
-                             regression=self.task.spec.is_regression)
+                             regression=self.task.spec.is_regression, image_input=backbone.image_input)
         return infinite_batches(loader)
 
     def test_loader(self):
         return self._eval_loader(self.task.test)
 
     def _eval_loader(self, examples):
-        return make_loader(examples, self.lifted.backbone.tokenizer, batch_size=self.config.eval_batch_size,
+        backbone = self.lifted.backbone
+        return make_loader(examples, backbone.tokenizer, batch_size=self.config.eval_batch_size,
                            max_length=self.config.max_length, shuffle=False,
-                           regression=self.task.spec.is_regression)
+                           regression=self.task.spec.is_regression, image_input=backbone.image_input)
 
     def validator(self):
         """forward → the task metric on the validation split (None without one), for stage-2 model selection."""
@@ -73,6 +79,16 @@ def setup(config: RunConfig) -> Setup:
                      validation_fraction=config.validation_fraction, shots_per_class=config.shots_per_class)
     backbone = load_backbone(config.backbone, task.spec.num_labels, pretrained=config.pretrained, seed=config.seed,
                              target_mean=task.target_mean)
+    wanted = "image" if isinstance(task.train[0], ImageExample) else "text"
+    if backbone.kind != wanted:
+        raise ValueError(f"backbone: {config.backbone!r} takes {backbone.kind} input, but task {config.task!r} has "
+                         f"{wanted} examples; use {_BACKBONES[wanted]}")
+    if config.image_size is not None and backbone.image_input is not None:
+        size = (config.image_size, config.image_size)
+        if backbone.image_input.fixed and size != backbone.image_input.size:
+            raise ValueError(f"image_size: {config.image_size} does not fit backbone {config.backbone!r}, which takes "
+                             f"only {backbone.image_input.size[0]}×{backbone.image_input.size[1]} images; unset it")
+        backbone.image_input = dataclasses.replace(backbone.image_input, size=size)
     space = SEARCH_SPACES.get(config.search_space).build(config.search_space_options)
     lifted = LiftedBackbone(backbone, space, config.device)
     likelihood = "normal" if task.spec.is_regression else "categorical"

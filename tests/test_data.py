@@ -19,6 +19,7 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from bayestune_pyro.data import (
     TASKS,
     Example,
+    ImageInput,
     TaskSpec,
     compute_metrics,
     infinite_batches,
@@ -46,8 +47,8 @@ def one_line_error(match, *args, **kwargs):
 # --- registry ---------------------------------------------------------------------------------
 
 def test_registry():
-    assert task_names() == ["bbc-news", "digits", "cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli",
-                            "boolq", "cb", "superglue-rte", "wic"]
+    assert task_names() == ["bbc-news", "digits", "image-folder", "hf-images", "cola", "sst2", "mrpc", "qqp", "stsb",
+                            "mnli", "qnli", "rte", "wnli", "boolq", "cb", "superglue-rte", "wic"]
     for spec in TASKS.values():
         assert spec.is_regression == (spec.num_labels == 1)
         assert len(spec.label_names) == (0 if spec.is_regression else spec.num_labels)
@@ -217,7 +218,8 @@ def test_train_size_and_validation_are_seeded_and_disjoint():
 # --- bad inputs ---------------------------------------------------------------------------------
 
 def test_bad_arguments():
-    message = one_line_error(r"^task: unknown value 'foo'; choose one of: bbc-news, digits, cola, ", "foo")
+    message = one_line_error(r"^task: unknown value 'foo'; choose one of: bbc-news, digits, image-folder, hf-images, "
+                             r"cola, ", "foo")
     assert message.endswith("wic")
     one_line_error(r"^data_dir: '/no/such/dir' does not exist$", "rte", "/no/such/dir")
     one_line_error(r"^validation_fraction: 0.7 is outside \[0, 0.5\]$", "rte", FIXTURES / "glue",
@@ -387,6 +389,7 @@ def test_metric_input_errors():
 def test_digits_images_split_and_batches():
     data = load_task("digits", seed=1)
     assert len(data.train) + len(data.test) == 1797 and len(data.test) == 359
-    batch = next(iter(make_loader(data.train, None, batch_size=8, max_length=0, shuffle=True, seed=1)))
+    batch = next(iter(make_loader(data.train, None, batch_size=8, max_length=0, shuffle=True, seed=1,
+                                  image_input=ImageInput((32, 32)))))
     assert batch["pixel_values"].shape == (8, 3, 32, 32) and batch["labels"].dtype == torch.long
     assert [e.label for e in load_task("digits", seed=1).test] == [e.label for e in data.test]

