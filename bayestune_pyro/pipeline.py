@@ -3,11 +3,13 @@
 Run directory::
 
     config.yaml            the resolved RunConfig
-    stage1.ckpt(.json)     stage-1 checkpoint and its engine/chain/step (removed once the posterior is written)
+    stage1.ckpt            stage-1 checkpoint: safetensors, the state's structure as JSON in its header; removed
+                           once the posterior is written
     posterior.safetensors  streaming posterior (+ posterior.json)
     mask.safetensors       stage-2 mask (+ mask.json)
     delta.safetensors      sparse delta + head: the fine-tuned model, given the pretrained backbone
-    metrics.json           task metric on the test split, n_updated, n_total, p, seconds per stage
+    metrics.json           task metric on the test split (``test``: all metrics; for classification also nll, brier,
+                           ece, and ``reliability``: the ECE's 15-bin table), n_updated, n_total, p, seconds per stage
 
 Each function reads what earlier stages wrote, so stages can be run (and re-run) one at a time.
 Peer methods (``config.method``, one module each in ``methods/``) go through the same functions: their mask replaces the
@@ -25,9 +27,9 @@ from pathlib import Path
 import torch
 
 from .config import RunConfig
-from .finetune.evaluate import evaluate
+from .finetune.evaluate import evaluate_calibrated
 from .finetune.stage2 import fit
-from .inference.driver import CHECKPOINT, CHECKPOINT_INFO, checkpoint_chain, run_chain
+from .inference.driver import CHECKPOINT, checkpoint_chain, run_chain
 from .inference.posterior import StreamingPosterior
 from .io import atomic_path, read_json, write_json, write_yaml
 from .models.backbones import init_head
@@ -66,8 +68,7 @@ def stage1(config: RunConfig, run_dir: str | os.PathLike, progress: bool = True)
                   checkpoint_every=options.checkpoint_every, progress=progress)
     posterior.save(run_dir, {"seconds": time.perf_counter() - start, "n_train": len(s.task.train),
                              "inference": config.inference, "seeds": [config.seed + c for c in range(options.chains)]})
-    for name in (CHECKPOINT, CHECKPOINT_INFO):
-        (run_dir / name).unlink(missing_ok=True)
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)
     return posterior
 
 
@@ -125,7 +126,8 @@ def stage2(config: RunConfig, run_dir: str | os.PathLike, progress: bool = True)
         start = time.perf_counter()
         selection = fit(tuner, s.train_batches(), tuner.config, s.validator(), progress)
         seconds = time.perf_counter() - start
-        scores = evaluate(tuner.forward, s.test_loader(), s.task.spec, s.lifted.theta_bar.device)
+        scores, reliability = evaluate_calibrated(tuner.forward, s.test_loader(), s.task.spec,
+                                                  s.lifted.theta_bar.device)
         n_changed = tuner.n_changed()
         sparse = tuner.sparse_delta(config.backbone, s.task.spec.num_labels, config.seed, config.pretrained,
                                     config.to_dict()["search_space"])
@@ -140,6 +142,8 @@ def stage2(config: RunConfig, run_dir: str | os.PathLike, progress: bool = True)
         "n_total": s.lifted.d, "p": mask.p if mask is not None else config.p,
         "threshold": mask.threshold if mask is not None else None,
     }
+    if reliability is not None:
+        metrics["reliability"] = reliability
     if "best_step" in selection:
         metrics.update(validation_best_step=selection["best_step"], validation_score=selection["best_score"])
     if n_changed is not None:

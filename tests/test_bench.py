@@ -38,6 +38,9 @@ def test_bench_runs_the_grid_resumes_and_guards_its_protocol(tmp_path, capsys):
     assert not heavy  # cell directories keep config, mask and metrics only
     table = (out / "results.md").read_text()
     assert "| method | rte (acc.) | stsb (Pearson/Spearman) | Avg | Rank |" in table
+    for r in records:  # calibration on the classification task only
+        assert ({"nll", "brier", "ece"} <= set(r["test"])) == (r["task"] == "rte")
+    assert "| method | rte ECE | rte NLL |" in table.split("### Calibration")[1]
     assert json.loads(capsys.readouterr().out)["finished"] == 12
 
     before = (out / "cells.jsonl").read_text()
@@ -134,6 +137,30 @@ def test_results_table_has_mean_std_average_and_rank(tmp_path):
     assert rows["bayestune"].startswith("| bayestune | 60.00 ± 0.00 | 25.00 ± 7.07 | 42.50 | 1 |")
     assert rows["sift"].startswith("| sift | 90.00 (n=1) | – | – | – |")  # no average without every task
     assert "cola / sift / seed 0 / p 0.005: FloatingPointError" in text
+
+
+def test_calibration_table_shows_cells_recorded_without_calibration_as_missing(tmp_path):
+    def rec(method, task, seed, score, ece=None, nll=None):
+        record = {"task": task, "method": method, "seed": seed, "p": 0.005, "status": "ok", "score": score,
+                  "metric": {"rte": "accuracy", "stsb": "pearson_spearman"}[task], "n_updated": 10, "seconds": 2.0,
+                  "peak_mb": 5.0, "test": {"accuracy": score}}
+        if ece is not None:  # a cell recorded before calibration was measured has no such keys
+            record["test"].update(ece=ece, nll=nll, brier=0.5)
+        return record
+
+    old = [rec("random", "rte", s, 0.6) for s in range(3)] + [rec("random", "stsb", s, 0.8) for s in range(3)]
+    text = render(old, tmp_path / "old.md", tasks_order=["rte", "stsb"])
+    assert "Calibration" not in text and "| random | 60.00 ± 0.00 | 80.00 ± 0.00 |" in text  # old benches: as before
+    new = [rec("bayestune", "rte", 0, 0.7, 0.10, 0.60), rec("bayestune", "rte", 1, 0.7, 0.20, 0.70),
+           rec("bayestune", "rte", 2, 0.7, 0.30, 0.80)]
+    new += [rec("bayestune", "stsb", s, 0.8) for s in range(3)]
+    mixed = [*old, *new, rec("sift", "rte", 0, 0.5, 0.05, 0.4), rec("sift", "rte", 1, 0.5), rec("sift", "rte", 2, 0.5)]
+    section = render(mixed, tmp_path / "mixed.md", tasks_order=["rte", "stsb"]).split("### Calibration")[1]
+    rows = _rows(section)
+    assert rows["method"] == "| method | rte ECE | rte NLL |"  # the regression task has no calibration columns
+    assert rows["bayestune"] == "| bayestune | 0.200 ± 0.100 | 0.700 ± 0.100 |"
+    assert rows["random"] == "| random | – | – |"  # missing, not 0
+    assert rows["sift"] == "| sift | 0.050 (n=1) | 0.400 (n=1) |"
 
 
 @pytest.mark.parametrize("suite,tasks", [

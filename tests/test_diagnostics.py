@@ -152,6 +152,23 @@ def test_diagnose_cli_writes_a_self_contained_report(mixed, tmp_path, capsys):
     assert "config.yaml (not exported yet)" in page  # no mask.json: the configured p is shown
 
 
+def test_the_report_draws_the_reliability_diagram_of_a_classification_run(mixed, tmp_path, capsys):
+    run = write_run(tmp_path / "run", mixed)
+    table = {"bins": 15, "count": [0] * 10 + [2, 0, 0, 2, 0], "accuracy": [None] * 10 + [0.5, None, None, 1.0, None],
+             "confidence": [None] * 10 + [0.7, None, None, 0.9, None]}
+    metrics = {"task": "bbc-news", "metric": "accuracy", "test_accuracy": 0.75, "n_test": 4, "n_updated": 1,
+               "n_total": LAYOUT.d, "test": {"accuracy": 0.75, "nll": 0.4, "brier": 0.3, "ece": 0.15}}
+    (run / "metrics.json").write_text(json.dumps({**metrics, "reliability": table}))
+    assert main(["diagnose", str(run)]) == 0
+    page = (run / REPORT_FILE).read_text()
+    assert "alt='Reliability diagram, test split (15 bins): ECE = 0.1500'" in page
+    assert "test.brier" in page and "reliability.count" not in page  # the table is drawn, not listed
+    (run / "metrics.json").write_text(json.dumps({**metrics, "metric": "pearson_spearman",
+                                                  "test_pearson_spearman": 0.5, "test": {"pearson_spearman": 0.5}}))
+    assert main(["diagnose", str(run)]) == 0  # a regression run (or one from before calibration): no diagram
+    assert "Reliability diagram" not in (run / REPORT_FILE).read_text()
+
+
 def test_export_auto_records_and_prints_the_knee(mixed, tmp_path, capsys):
     run = write_run(tmp_path / "run", mixed)
     assert main(["export", str(run), "--auto", "--rank", "lcb"]) == 0

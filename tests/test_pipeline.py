@@ -12,6 +12,7 @@ from bayestune_pyro.finetune.delta import SparseDelta, merge
 from bayestune_pyro.finetune.stage2 import SparseFineTuner
 from bayestune_pyro.inference.driver import CHECKPOINT, run_chain
 from bayestune_pyro.inference.posterior import StreamingPosterior
+from bayestune_pyro.io import save_tensors, state_header
 from bayestune_pyro.registry import ENGINES
 from bayestune_pyro.run_setup import setup
 from bayestune_pyro.selection.masks import Mask
@@ -32,6 +33,11 @@ def test_run_writes_a_complete_run_directory(tmp_path, capsys):
     assert 0 <= metrics["test_accuracy"] <= 1
     assert metrics["n_updated"] == math.floor(0.01 * metrics["n_total"])
     assert set(metrics["seconds"]) == {"stage1", "stage2"}
+    test, table = metrics["test"], metrics["reliability"]  # calibration of the test split (a classification task)
+    assert {"nll", "brier", "ece"} <= set(test) and table["bins"] == 15 and sum(table["count"]) == metrics["n_test"]
+    filled = [(k, a, c) for k, a, c in zip(table["count"], table["accuracy"], table["confidence"]) if k]
+    assert sum(k * a for k, a, _ in filled) / metrics["n_test"] == pytest.approx(test["accuracy"])
+    assert test["ece"] == pytest.approx(sum(k * abs(a - c) for k, a, c in filled) / metrics["n_test"])
     posterior = StreamingPosterior.load(out)
     assert posterior.counts == [2] and posterior.trace("lambda").shape == (1, 2, 32)  # 4 sampling steps, thin 2
     assert json.loads(capsys.readouterr().out)["n_updated"] == metrics["n_updated"]
@@ -92,9 +98,12 @@ def test_stages_one_at_a_time(tmp_path, capsys):
     assert metrics["p"] == 0.002 and metrics["n_updated"] == math.floor(0.002 * metrics["n_total"])
 
 
-def test_interrupted_stage1_resumes_to_the_same_posterior(tmp_path):
+@pytest.mark.parametrize("engine", ["sgld", "map", "noisy-adam", "vi", "map-svi", "sghmc"])
+def test_interrupted_stage1_resumes_bitwise(tmp_path, engine):
+    """Interrupted in the sampling phase (preconditioner frozen, traces begun) and resumed from the safetensors
+    checkpoint: the posterior and the head equal the uninterrupted chain's, bitwise."""
     config = RunConfig.from_dict(dict(backbone="tiny-bert", shots_per_class=4, max_length=24, steps=12, warmup=4,
-                                      burnin=2, thin=2, n_tracked=16))
+                                      burnin=2, thin=2, n_tracked=16, inference=engine))
 
     def chain(run_dir, stop_after=None):
         s = setup(config)
@@ -107,19 +116,56 @@ def test_interrupted_stage1_resumes_to_the_same_posterior(tmp_path):
                     raise KeyboardInterrupt
                 yield b
 
-        kernel = ENGINES.get("sgld").kernel(s, config.options, config.engine_options, seed=0)
-        run_chain(kernel, limited(), config.schedule(), post, engine="sgld", checkpoint_dir=run_dir,
+        kernel = ENGINES.get(engine).kernel(s, config.options, config.engine_options, seed=0)
+        run_chain(kernel, limited(), config.schedule(), post, engine=engine, checkpoint_dir=run_dir,
                   checkpoint_every=3, progress=False)
-        return post
+        return post, [p.detach().clone() for p in s.lifted.head_parameters()]
 
-    whole = chain(tmp_path / "a")
+    whole, whole_head = chain(tmp_path / "a")
     with pytest.raises(KeyboardInterrupt):
-        chain(tmp_path / "b", stop_after=8)
-    assert (tmp_path / "b" / CHECKPOINT).exists()
-    resumed = chain(tmp_path / "b")
-    assert resumed.counts == whole.counts
-    assert torch.equal(resumed.lambda_mean, whole.lambda_mean)
-    assert torch.equal(resumed.trace("delta"), whole.trace("delta"))
+        chain(tmp_path / "b", stop_after=11)  # the last checkpoint is after step 9, in the sampling phase
+    info = state_header(tmp_path / "b" / CHECKPOINT)
+    assert (info["engine"], info["chain"], info["step"]) == (engine, 0, 9)
+    assert (tmp_path / "b" / CHECKPOINT).read_bytes()[:4] != b"PK\x03\x04"  # not torch.save's zip
+    resumed, resumed_head = chain(tmp_path / "b")
+    assert resumed.counts == whole.counts == [3]
+    for moments in ("mean", "m2"):
+        for m, value in getattr(whole, moments).items():
+            assert torch.equal(getattr(resumed, moments)[m], value), (moments, m)
+    for name in ("lambda", "delta", "loss", "log_joint"):
+        assert torch.equal(resumed.trace(name), whole.trace(name)), name
+    assert all(torch.equal(a, b) for a, b in zip(resumed_head, whole_head))
+
+
+def test_a_pickle_or_broken_checkpoint_is_a_one_line_error_naming_the_file(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["stage1", "--out", str(out), *TINY_TEXT]) == 0
+    config = RunConfig.from_yaml(out / "config.yaml")
+    s = setup(config)
+    kernel = ENGINES.get("sgld").kernel(s, config.options, config.engine_options, seed=0)
+    post = StreamingPosterior(s.lifted.layout, n_tracked=32)
+    run_chain(kernel, s.train_batches(), config.schedule(), post, engine="sgld", checkpoint_dir=out, progress=False)
+    data = (out / CHECKPOINT).read_bytes()  # saved at the last step
+    capsys.readouterr()
+    header = int.from_bytes(data[:8], "little")  # safetensors: 8-byte header length, the JSON header, the tensors
+
+    def damaged_header():  # the state's structure no longer JSON, the file otherwise intact
+        (out / CHECKPOINT).write_bytes(data.replace(b'"state":"{', b'"state":"[', 1))
+
+    for damage, says in [
+        (lambda: torch.save({"engine": "sgld", "chain": 0, "step": 3, "kernel": {}}, out / CHECKPOINT),
+         "written by torch.save"),
+        (lambda: (out / CHECKPOINT).write_bytes(data[: len(data) // 2]), "truncated or corrupted"),
+        (lambda: (out / CHECKPOINT).write_bytes(data[: 8 + header // 2]), "truncated or corrupted"),
+        (lambda: (out / CHECKPOINT).write_bytes(b"\x10\x00"), "truncated or corrupted"),
+        (damaged_header, "truncated or corrupted"),
+        (lambda: save_tensors(out / CHECKPOINT, {"x": torch.zeros(2)}), "without a saved state"),
+    ]:
+        damage()
+        assert main(["stage1", "--out", str(out), *TINY_TEXT]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and f"{out / CHECKPOINT} " in err and says in err, err
+        assert f"delete {CHECKPOINT} to start stage 1 over" in err
 
 
 @pytest.mark.parametrize("task", ["stsb", "rte"])

@@ -1,5 +1,6 @@
 """``results.md`` from the bench records: Table 1's shape — methods × tasks, mean ± std over seeds, average,
-rank — and below it the per-seed paired differences to a reference method with bootstrap intervals."""
+rank — and below it the per-seed paired differences to a reference method with bootstrap intervals, and the
+calibration (ECE, NLL) of the classification tasks."""
 from __future__ import annotations
 
 import math
@@ -13,6 +14,8 @@ from ..io import atomic_path
 from ..registry import METHODS
 
 METRIC_NAMES = {"mcc": "MCC", "accuracy": "acc.", "f1": "F1", "pearson_spearman": "Pearson/Spearman"}
+CLASSIFICATION_METRICS = ("accuracy", "f1", "mcc")  # a task scored by one of these is a classification task
+CALIBRATION = {"ece": "ECE", "nll": "NLL"}  # keys of a record's ``test`` (cells recorded before them lack them)
 RESAMPLES = 10_000
 
 
@@ -46,17 +49,21 @@ def _paired(scores: dict, tasks: list[str], method: str, reference: str) -> dict
 
 
 def summarise(records: list[dict], tasks_order: list[str] | None = None, reference: str = "bayestune") -> dict:
-    """Per budget p: per (method, task) the test scores (×100) by seed, the average over tasks, the rank, and per
-    method the paired differences to ``reference`` (none if it is absent)."""
+    """Per budget p: per (method, task) the test scores (×100) by seed, the average over tasks, the rank, per
+    method the paired differences to ``reference`` (none if it is absent), and per (method, task, key of
+    ``CALIBRATION``) the calibration by seed, from the cells that carry it."""
     ok = [r for r in records if _ok(r)]
     tasks = [t for t in (tasks_order or []) if any(r["task"] == t for r in ok)]
     tasks += sorted({r["task"] for r in ok} - set(tasks))
     summary = {}
     for p in sorted({r["p"] for r in ok}):
-        scores, info = defaultdict(dict), defaultdict(lambda: defaultdict(list))
+        scores, info, calibration = defaultdict(dict), defaultdict(lambda: defaultdict(list)), defaultdict(dict)
         for r in ok:
             if r["p"] == p:
                 scores[(r["method"], r["task"])][r["seed"]] = 100 * r["score"]
+                for key in CALIBRATION:
+                    if key in r.get("test", {}):
+                        calibration[(r["method"], r["task"], key)][r["seed"]] = r["test"][key]
                 for key in ("n_updated", "seconds", "peak_mb"):
                     info[r["method"]][key].append(r[key])
         methods = [m for m in METHODS.names() if any((m, t) in scores for t in tasks)]
@@ -67,7 +74,8 @@ def summarise(records: list[dict], tasks_order: list[str] | None = None, referen
                   if m != reference and reference in methods}
         summary[p] = {"tasks": tasks, "methods": methods, "scores": dict(scores), "average": averages,
                       "rank": {m: ranked.index(m) + 1 for m in ranked}, "info": info,
-                      "paired": {m: columns for m, columns in paired.items() if columns}}
+                      "paired": {m: columns for m, columns in paired.items() if columns},
+                      "calibration": dict(calibration)}
     return summary
 
 
@@ -77,20 +85,26 @@ def _header(first: str, tasks: list[str], metrics: dict[str, str], extra: list[s
     return ["| " + " | ".join(names) + " |", "|---" * len(names) + "|"]
 
 
+def _seeds(s: dict) -> int:
+    """The most seeds any cell has."""
+    return max((len(v) for v in s["scores"].values()), default=0)
+
+
+def _spread(values: list[float], seeds: int, digits: int = 2) -> str:
+    """``mean ± std`` (no spread from one value; ``–`` for none), ``(n=…)`` below ``seeds`` values."""
+    if not values:
+        return "–"
+    mean, std = _mean_std(values)
+    text = f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+    return text + (f" (n={len(values)})" if len(values) < seeds else "")
+
+
 def _main_table(s: dict, metrics: dict[str, str]) -> list[str]:
     """Mean ± std per task, average, rank, n_updated, s/cell and peak MB per method."""
-    seeds = max((len(v) for v in s["scores"].values()), default=0)
+    seeds = _seeds(s)
     lines = _header("method", s["tasks"], metrics, ["Avg", "Rank", "n_updated", "s/cell", "peak MB"])
     for m in s["methods"]:
-        cells = []
-        for t in s["tasks"]:
-            values = list(s["scores"].get((m, t), {}).values())
-            if not values:
-                cells.append("–")
-                continue
-            mean, std = _mean_std(values)
-            text = f"{mean:.2f} ± {std:.2f}" if len(values) > 1 else f"{mean:.2f}"  # no spread from one seed
-            cells.append(text + (f" (n={len(values)})" if len(values) < seeds else ""))
+        cells = [_spread(list(s["scores"].get((m, t), {}).values()), seeds) for t in s["tasks"]]
         avg = f"{s['average'][m]:.2f}" if m in s["average"] else "–"
         rank = str(s["rank"][m]) if m in s["rank"] else "–"
         info = s["info"][m]
@@ -132,6 +146,25 @@ def _paired_table(s: dict, metrics: dict[str, str], reference: str) -> list[str]
     return [*lines, ""]
 
 
+def _calibration_table(s: dict, metrics: dict[str, str]) -> list[str]:
+    """ECE and NLL per classification task and method; none if no cell at this p carries them."""
+    tasks = [t for t in s["tasks"] if metrics[t] in CLASSIFICATION_METRICS]
+    if not s["calibration"] or not tasks:
+        return []
+    seeds = _seeds(s)
+    names = ["method", *(f"{t} {label}" for t in tasks for label in CALIBRATION.values())]
+    lines = ["### Calibration", "",
+             "On the test split of each classification task: ECE (top-1, 15 equal-width confidence bins) and NLL "
+             "(mean negative log-likelihood of the softmax), both lower = better; mean ± sample std over the seeds "
+             "whose cells record them (n as above). –: no such cell (e.g. recorded before calibration was measured).",
+             "", "| " + " | ".join(names) + " |", "|---" * len(names) + "|"]
+    for m in s["methods"]:
+        cells = [_spread(list(s["calibration"].get((m, t, key), {}).values()), seeds, digits=3)
+                 for t in tasks for key in CALIBRATION]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def _failed(records: list[dict]) -> list[str]:
     """The cells that failed or scored NaN, one line each."""
     failed = [r for r in records if not _ok(r)]
@@ -151,7 +184,8 @@ def render(records: list[dict], path: str | os.PathLike, tasks_order: list[str] 
              "n_updated is the number of backbone coordinates stage 2 trains (the head aside; stochastic: per "
              "step); s/cell and peak MB are per cell (selection + stage 2 + evaluation), means over cells.", ""]
     for p, s in summarise(records, tasks_order, reference).items():
-        lines += [f"## p = {p:g}", "", *_main_table(s, metrics), "", *_paired_table(s, metrics, reference)]
+        lines += [f"## p = {p:g}", "", *_main_table(s, metrics), "", *_paired_table(s, metrics, reference),
+                  *_calibration_table(s, metrics)]
     lines += _failed(records)
     text = "\n".join(lines)
     with atomic_path(path) as tmp:

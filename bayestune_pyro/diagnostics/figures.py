@@ -5,7 +5,8 @@
 - ``trace_plot`` / ``rank_plot``: ArviZ trace and rank plots of log λ at a few tracked coordinates;
 - ``diagnostic_histograms``: R-hat, bulk and tail ESS of all tracked coordinates against their thresholds;
 - ``mask_shares``: the share of each module type's and each layer's parameters in the mask (the paper's Figs. 6–38);
-- ``sweep_plot``: validation and test metric against the budget p, from ``sweep.json`` (``bayestune sweep``).
+- ``sweep_plot``: validation and test metric against the budget p, from ``sweep.json`` (``bayestune sweep``);
+- ``reliability_diagram``: stage 2's test accuracy against confidence per bin, from ``metrics.json``.
 """
 from __future__ import annotations
 
@@ -174,4 +175,35 @@ def sweep_plot(sweep: dict) -> Figure:
            ylabel=rows[0]["metric"])
     ax.grid(True, alpha=0.3)
     ax.legend(frameon=False)
+    return fig
+
+
+def reliability_diagram(table: dict, ece: float) -> Figure:
+    """Accuracy against mean top-1 confidence in each equal-width confidence bin (bars; the gap to the diagonal
+    shaded), with the bin counts below: a calibrated model's bars reach the diagonal."""
+    bins, count = table["bins"], np.array(table["count"])
+    edges = np.linspace(0, 1, bins + 1)
+    left, width = edges[:-1], 1 / bins
+    filled = count > 0
+    accuracy = np.array([a if a is not None else 0.0 for a in table["accuracy"]])
+    confidence = np.array([c if c is not None else 0.0 for c in table["confidence"]])
+    fig = new_figure(6.5, 6.2)
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    top.bar(left[filled], accuracy[filled], width=width, align="edge", color="tab:blue", edgecolor="white",
+            label="accuracy in the bin")
+    gap_low = np.minimum(accuracy, confidence)[filled]
+    top.bar(left[filled], np.abs(confidence - accuracy)[filled], bottom=gap_low, width=width, align="edge",
+            color="tab:red", alpha=0.3, edgecolor="tab:red", hatch="//", label="gap to the mean confidence")
+    top.plot(confidence[filled], accuracy[filled], "o", color="black", ms=4, label="(mean confidence, accuracy)")
+    top.plot([0, 1], [0, 1], "--", color="0.3", lw=1, label="perfect calibration")
+    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy (share of top-1 predictions correct)",
+            title=f"Reliability diagram, test split ({bins} bins): ECE = {ece:.4f}")
+    top.grid(True, alpha=0.3)
+    top.legend(loc="upper left", fontsize=8, frameon=False)
+    bottom.bar(left, count, width=width, align="edge", color="0.55", edgecolor="white")
+    for x, k in zip(left + width / 2, count):
+        if k:
+            bottom.text(x, k, f"{k:,}", ha="center", va="bottom", fontsize=7)
+    bottom.set(xlabel="confidence (top-1 softmax probability)", ylabel="examples", ylim=(0, count.max() * 1.25))
+    bottom.set_xticks(edges[::3])
     return fig

@@ -2,8 +2,9 @@
 
 Top to bottom: a verdict box (mixing, mask stability across chains, the mask's boundary, stage 2), what to do
 about each warning, the run, convergence tables and figures, the selection (λ̂ curve, k, p, λ_th, knee, inclusion
-probabilities, counts per module and layer), the posterior variance per tensor, stage-2 metrics and the full
-configuration. Figures are embedded as base64 PNG and the CSS is inline: the file needs nothing else.
+probabilities, counts per module and layer), the posterior variance per tensor, stage-2 metrics (with the test
+split's reliability diagram for a classification task) and the full configuration. Figures are embedded as
+base64 PNG and the CSS is inline: the file needs nothing else.
 
 Mask stability is the mean Jaccard overlap of the chains' top-p sets: ≥ 0.8 ok, ≥ 0.5 caution, below that fail.
 """
@@ -189,7 +190,8 @@ def _page(run_dir: Path, posterior: StreamingPosterior, config: RunConfig, idata
         parts.append(f"<h2>Budget sweep</h2><p class='note'>Stage 2 at each p (<code>bayestune sweep</code>); p = "
                      f"{sweep['chosen']:g} scores best on the validation split.</p>" + _table(rows)
                      + _figure(figures.sweep_plot(sweep)))
-    parts.append("<h2>Stage 2</h2>" + (_grid(_flat(metrics)) if metrics else "<p>Not run yet (no metrics.json).</p>"))
+    parts.append("<h2>Stage 2</h2>" + (_stage2_section(metrics) if metrics else
+                                       "<p>Not run yet (no metrics.json).</p>"))
     parts.append("<h2>Configuration</h2>" + _grid(config.to_dict()))
     return ("<!doctype html><html lang='en'><head><meta charset='utf-8'><title>BayesTune diagnostics: "
             f"{html.escape(run_dir.name)}</title><style>{CSS}</style></head><body><main>"
@@ -242,6 +244,19 @@ def _stage2(metrics: dict | None, mask: Mask) -> tuple[str, str | None, str]:
     stale = " (with an earlier mask: rerun stage 2)" if metrics["n_updated"] != mask.k else ""
     return "Stage 2", None, (f"test {name} {metrics['test_' + name]:.4f} on {metrics['n_test']:,} examples; "
                              f"{metrics['n_updated']:,} of {metrics['n_total']:,} coordinates updated{stale}")
+
+
+def _stage2_section(metrics: dict) -> str:
+    """Every metric, and the reliability diagram from the test split's bins (classification tasks)."""
+    table = metrics.get("reliability")
+    facts = _grid(_flat({k: v for k, v in metrics.items() if k != "reliability"}))
+    if table is None:
+        return facts
+    figure = figures.reliability_diagram(table, metrics["test"]["ece"])
+    return (facts + "<p class='note'>Calibration on the test split: the top-1 confidence (the largest softmax "
+            "probability) against how often the top-1 prediction is right, per equal-width confidence bin. Bars "
+            "below the diagonal: overconfident; above: underconfident. ECE is the count-weighted mean gap; NLL and "
+            "Brier score are above (test.nll, test.brier).</p>" + _figure(figure))
 
 
 def _flat(values: dict, prefix: str = "") -> dict:

@@ -1,4 +1,4 @@
-"""Evaluation: the task's metrics of a network over a loader."""
+"""Evaluation: the task's metrics of a network over a loader, and on the test split its calibration too."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -6,6 +6,7 @@ from collections.abc import Callable
 import torch
 
 from ..data import TaskSpec, compute_metrics
+from ..data.calibration import calibration
 
 
 @torch.no_grad()
@@ -17,12 +18,27 @@ def predict(forward: Callable[[dict], torch.Tensor], loader,
         batch = {k: v.to(device) for k, v in batch.items()}
         outputs.append(forward(batch).float().cpu())
         labels.append(batch["labels"].cpu())
-    return torch.cat(outputs), torch.cat(labels)
+    outputs = torch.cat(outputs)
+    if not torch.isfinite(outputs).all():
+        raise FloatingPointError("evaluate: the network produced NaN/inf outputs")
+    return outputs, torch.cat(labels)
 
 
 def evaluate(forward: Callable[[dict], torch.Tensor], loader, spec: TaskSpec,
              device: str | torch.device) -> dict[str, float]:
+    """The task's metrics (``compute_metrics``); what validation scores."""
     outputs, labels = predict(forward, loader, device)
-    if not torch.isfinite(outputs).all():
-        raise FloatingPointError("evaluate: the network produced NaN/inf outputs")
     return compute_metrics(spec, outputs.numpy(), labels.numpy())
+
+
+def evaluate_calibrated(forward: Callable[[dict], torch.Tensor], loader, spec: TaskSpec,
+                        device: str | torch.device) -> tuple[dict[str, float], dict | None]:
+    """The task's metrics plus, for a classification task, ``nll``, ``brier`` and ``ece`` of its softmax, and the
+    reliability table behind the ECE (``data.calibration``). A regression task gets no calibration keys and no
+    table (None): its Gaussian likelihood's σ is a fixed setting, not a prediction."""
+    outputs, labels = predict(forward, loader, device)
+    scores = compute_metrics(spec, outputs.numpy(), labels.numpy())
+    if spec.is_regression:
+        return scores, None
+    calibrated, table = calibration(outputs, labels)
+    return {**scores, **calibrated}, table

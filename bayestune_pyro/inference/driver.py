@@ -8,8 +8,10 @@ the schedule over it:
 - sampling  the transition, every ``thin``-th state collected into the :class:`StreamingPosterior`.
 
 Losses are checked for NaN/inf without host syncs: a device flag is read only at the logging interval, and the
-run stops with the step range and the last checkpoint named. Checkpoints are atomic and hold only tensors and
-plain containers (read with ``weights_only=True``), so an interrupted run resumes where it stopped.
+run stops with the step range and the last checkpoint named. A checkpoint is the chain's whole state (kernel,
+posterior, RNG states) in one atomic safetensors file, ``stage1.ckpt``, with its structure and every non-tensor
+value (engine, chain, step, optimizer hyper-parameters) as JSON in its header; it never holds a pickle, and an
+interrupted run resumes where it stopped, bitwise as if it had not been interrupted.
 """
 from __future__ import annotations
 
@@ -23,11 +25,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import Schedule
-from ..io import read_json, save_torch, write_json
+from ..io import load_state, save_state, state_header
 from .posterior import StreamingPosterior
 
 CHECKPOINT = "stage1.ckpt"
-CHECKPOINT_INFO = "stage1.ckpt.json"
 
 
 class NonFiniteError(FloatingPointError):
@@ -67,9 +68,13 @@ class Kernel:
 
 
 def checkpoint_chain(run_dir: str | os.PathLike) -> int:
-    """The chain a stage-1 checkpoint in ``run_dir`` belongs to (earlier chains are finished), or 0."""
-    info = Path(run_dir) / CHECKPOINT_INFO
-    return int(read_json(info)["chain"]) if (Path(run_dir) / CHECKPOINT).exists() and info.exists() else 0
+    """The chain a stage-1 checkpoint in ``run_dir`` belongs to (earlier chains are finished), or 0; also 0 for an
+    unreadable checkpoint, whose chain then says what is wrong when it resumes."""
+    path = Path(run_dir) / CHECKPOINT
+    try:
+        return int(state_header(path)["chain"]) if path.exists() else 0
+    except (ValueError, KeyError, TypeError):
+        return 0
 
 
 def run_chain(kernel: Kernel, batches: Iterator[dict], schedule: Schedule, posterior: StreamingPosterior, *,
@@ -84,7 +89,7 @@ def run_chain(kernel: Kernel, batches: Iterator[dict], schedule: Schedule, poste
     start = 0
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     if ckpt_path is not None and ckpt_path.exists():
-        start = _restore(ckpt_path, kernel, posterior, engine, chain, device)
+        start = _restore(ckpt_path, kernel, posterior, engine, chain)
     for _ in range(start):  # replay the batch stream to where the checkpoint left it
         next(batches)
     try:
@@ -117,18 +122,27 @@ def run_chain(kernel: Kernel, batches: Iterator[dict], schedule: Schedule, poste
 
 
 def _save(path: Path, step: int, kernel: Kernel, posterior: StreamingPosterior, engine: str, chain: int) -> None:
-    """The checkpoint, then a small JSON naming its engine, chain and step (read without loading the tensors)."""
-    save_torch(path, {"engine": engine, "step": step, "chain": chain, "kernel": kernel.state_dict(),
-                      "posterior": posterior.state_dict(), "rng": torch.get_rng_state(), "time": time.time()})
-    write_json(path.parent / CHECKPOINT_INFO, {"engine": engine, "chain": chain, "step": step})
+    """The checkpoint: the chain's state, with its engine, chain and step in the header."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    save_state(path, {"engine": engine, "chain": chain, "step": step, "time": time.time(),
+                      "kernel": kernel.state_dict(), "posterior": posterior.state_dict(), "rng": rng})
 
 
 @torch.no_grad()
-def _restore(path: Path, kernel: Kernel, posterior: StreamingPosterior, engine: str, chain: int, device) -> int:
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    if ckpt.get("engine") != engine or ckpt.get("chain") != chain or "kernel" not in ckpt:
-        return 0  # another engine's or chain's state: start this chain afresh
+def _restore(path: Path, kernel: Kernel, posterior: StreamingPosterior, engine: str, chain: int) -> int:
+    """The step to go on from: the checkpoint's, or 0 if it is another engine's or chain's state."""
+    try:
+        ckpt = load_state(path)
+    except ValueError as err:
+        raise ValueError(f"{err}; delete {CHECKPOINT} to start stage 1 over, or rerun stage 1 in a new "
+                         "directory") from None
+    if ckpt.get("engine") != engine or ckpt.get("chain") != chain:
+        return 0  # another engine's or chain's state: start this chain afresh (the next save replaces it)
     kernel.load_state_dict(ckpt["kernel"])
     posterior.load_state_dict(ckpt["posterior"])
-    torch.set_rng_state(ckpt["rng"])
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if "cuda" in ckpt["rng"]:
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     return ckpt["step"]

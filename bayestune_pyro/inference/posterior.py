@@ -99,7 +99,9 @@ class StreamingPosterior:
         for m in self.mean:
             self.mean[m].copy_(state["mean"][m])
             self.m2[m].copy_(state["m2"][m])
-        self.traces = state["traces"]
+        device = self.tracked_index.device
+        self.traces = [{name: [t.to(device) for t in values] for name, values in trace.items()}
+                       for trace in state["traces"]]
 
     def pooled(self, moment: str = "lambda") -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, variance) over all chains' samples for every coordinate."""
