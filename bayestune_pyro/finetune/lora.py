@@ -1,38 +1,40 @@
-"""LoRA baseline: W = W̄ + (s/r)·B·A on chosen weight matrices, the backbone itself frozen at θ̄.
+"""LoRA baseline: the additive search space's LoRA module on chosen linear layers, trained densely, the backbone
+frozen at θ̄.
 
-A (r × in) starts Kaiming-uniform and B (out × r) at zero, so training starts at θ̄; s = 2r, so the
-update's scale s/r is 2 at every rank.
-Trainable: r·(in + out) per adapted matrix, which is what counts against the budget.
-:func:`rank_for_budget` picks the r whose count is closest to a coordinate budget k.
+Each target layer gains y += (x·Aᵀ)·Bᵀ (``search_spaces/additive.py``) with A (r × in) seeded Kaiming-uniform and
+B (out × r) at zero, so training starts at θ̄ exactly. Trainable: r·(in + out) per adapted layer, which is what
+counts against the budget; :func:`rank_for_budget` picks the r whose count is closest to a coordinate budget k.
+``release()`` removes the module again.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from fnmatch import fnmatchcase
 
 import torch
+from torch import nn
 
 from ..models.lifted import LiftedBackbone
+from ..search_spaces.additive import Additive
 from .stage2 import Stage2Config, Tuner
 
-DEFAULT_TARGETS = ("*query.weight", "*value.weight", "*q_proj.weight", "*v_proj.weight", "*qkv.weight")
-SCALE = 2.0
+DEFAULT_TARGETS = ("*query", "*value", "*q_proj", "*v_proj", "*qkv")
 
 
 def lora_targets(lifted: LiftedBackbone, patterns: tuple[str, ...] = DEFAULT_TARGETS) -> list[str]:
-    """Covered 2-D weights whose names match ``patterns`` (globs)."""
-    names = [n for n, s in zip(lifted.layout.names, lifted.layout.shapes)
-             if len(s) == 2 and any(fnmatchcase(n, p) for p in patterns)]
+    """The linear layers (module names) matching ``patterns`` (globs) whose weight is covered."""
+    covered = set(lifted.layout.names)
+    names = [n for n, m in lifted.model.named_modules() if isinstance(m, nn.Linear) and f"{n}.weight" in covered
+             and any(fnmatchcase(n, p) for p in patterns)]
     if not names:
-        raise ValueError(f"lora_targets: {list(patterns)} match no covered 2-D weight of the backbone")
+        raise ValueError(f"lora_targets: {list(patterns)} match no covered linear layer of the backbone")
     return names
 
 
 def rank_for_budget(lifted: LiftedBackbone, targets: list[str], k: int) -> int:
     """The rank r ≥ 1 whose trainable count r·Σ(in + out) is closest to ``k``."""
-    shapes = dict(zip(lifted.layout.names, lifted.layout.shapes))
-    per_rank = sum(sum(shapes[n]) for n in targets)
+    modules = dict(lifted.model.named_modules())
+    per_rank = sum(modules[n].in_features + modules[n].out_features for n in targets)
     return max(1, round(k / per_rank))
 
 
@@ -43,23 +45,16 @@ class LoRATuner(Tuner):
             raise ValueError(f"rank: must be >= 1, got {rank!r}")
         super().__init__(lifted, loss_fn, config)
         self.rank, self.targets = rank, targets
-        params = dict(lifted.model.named_parameters())
-        g = torch.Generator().manual_seed(seed)
-        self.base = {name: params[name] for name in targets}  # frozen views of θ̄
-        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for name in targets:
-            out_f, in_f = params[name].shape
-            bound = 1 / math.sqrt(in_f)  # Kaiming-uniform with a = √5, as nn.Linear
-            a = ((torch.rand(rank, in_f, generator=g) * 2 - 1) * bound).to(self.device).requires_grad_()
-            b = torch.zeros(out_f, rank, device=self.device, requires_grad=True)
-            self.factors[name] = (a, b)
+        self.remove = Additive(kinds=("lora",), width=rank, lora_targets=tuple(targets), seed=seed).attach(lifted.model)
+        modules = dict(lifted.model.named_modules())
+        self.factors = {n: (modules[n].bt_lora_A, modules[n].bt_lora_B) for n in targets}
         self.opt = torch.optim.AdamW([t for ab in self.factors.values() for t in ab], lr=config.lr,
                                      weight_decay=config.weight_decay)
         self.n_updated = sum(a.numel() + b.numel() for a, b in self.factors.values())
 
     def forward(self, batch: dict) -> torch.Tensor:
-        merged = {n: self.base[n] + SCALE * (b @ a) for n, (a, b) in self.factors.items()}
-        return self.lifted.forward_with(merged, batch)
+        args, kwargs = self.lifted.backbone.inputs(batch)
+        return self.lifted.backbone.logits(self.lifted.model(*args, **kwargs))
 
     def update(self) -> None:
         self.opt.step()
@@ -73,3 +68,8 @@ class LoRATuner(Tuner):
         for n, (a, b) in self.factors.items():
             a.copy_(state[f"{n}.A"])
             b.copy_(state[f"{n}.B"])
+
+    def release(self) -> None:
+        """Remove the LoRA module: the network is the pretrained one again."""
+        self.remove()
+        super().release()

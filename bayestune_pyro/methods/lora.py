@@ -1,4 +1,5 @@
-"""lora: W = W̄ + (s/r)·B·A on ``lora_targets``, the rank matched to the budget k."""
+"""lora: y += (x·Aᵀ)·Bᵀ on the ``lora_targets`` linear layers (the additive space's LoRA module), the rank matched
+to the budget k."""
 from dataclasses import dataclass
 
 from ..config import Options, option
@@ -8,7 +9,7 @@ from . import Method, register
 
 @dataclass
 class LoRAOptions(Options):
-    lora_targets: list[str] = option(list(DEFAULT_TARGETS), "lora: globs of the weight matrices to adapt", nargs="+")
+    lora_targets: list[str] = option(list(DEFAULT_TARGETS), "lora: globs of the linear layers to adapt", nargs="+")
     lora_rank: int | None = option(None, "lora: rank r (default: the rank whose parameter count is closest to "
                                    "⌊p·d⌋)")
 

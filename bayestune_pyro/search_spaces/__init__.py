@@ -19,8 +19,10 @@ from ..registry import SEARCH_SPACES
 class SearchSpace:
     """The interface: transform the network (optional), then name the covered tensors."""
 
-    def attach(self, model: nn.Module) -> None:
-        """Add this space's modules to ``model`` (zero-initialised, so θ̄ = 0); a subset adds nothing."""
+    def attach(self, model: nn.Module) -> Callable[[], None]:
+        """Add this space's modules to ``model`` (zero-initialised, so θ̄ = 0; a subset adds nothing), and return
+        what removes them again."""
+        return lambda: None
 
     def covered(self, names: list[str], head_names: list[str]) -> list[str]:
         """The covered parameter names, in ``names`` order, never one of ``head_names``."""

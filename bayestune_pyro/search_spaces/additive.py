@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -83,24 +84,25 @@ def _transformers_prompt_hook(module: nn.Module, args, kwargs, out):
     return (out[0] + context, *out[1:])
 
 
-def _attach_prompt(module: nn.Module, name: str, width: int, generator: torch.Generator, like: dict) -> None:
+def _attach_prompt(module: nn.Module, name: str, width: int, generator: torch.Generator, like: dict):
     if isinstance(getattr(module, "qkv", None), nn.Linear) and all(
             hasattr(module, a) for a in ("num_heads", "head_dim", "scale", "q_norm", "k_norm", "proj")):
         if not isinstance(getattr(module, "norm", nn.Identity()), nn.Identity) or getattr(module, "gate", None):
             raise ValueError(f"additive_prompt_targets: {name!r} normalises or gates its attention output before "
                              "proj; the gated prompt supports timm's plain Attention")
         hidden = module.qkv.in_features
-        module.register_forward_hook(_timm_prompt_hook)
+        handle = module.register_forward_hook(_timm_prompt_hook)
     elif all(isinstance(getattr(module, p, None), nn.Linear) for p in ("query", "key", "value")) \
             and hasattr(module, "num_attention_heads"):
         hidden = module.query.in_features
-        module.register_forward_hook(_transformers_prompt_hook, with_kwargs=True)
+        handle = module.register_forward_hook(_transformers_prompt_hook, with_kwargs=True)
     else:
         raise ValueError(f"additive_prompt_targets: {name!r} ({type(module).__name__}) is not a self-attention the "
                          "prompt can join; match timm Attention modules (e.g. '*attn') or transformers "
                          "self-attentions (e.g. '*attention.self')")
     module.bt_prompt_tokens = nn.Parameter(torch.randn(width, hidden, generator=generator).to(**like))
     module.bt_prompt_gate = nn.Parameter(torch.zeros(hidden, **like))
+    return handle
 
 
 def _features(module: nn.Module, name: str, kind: str) -> tuple[int, int]:
@@ -119,13 +121,13 @@ def _attach_linear(kind: str):
     ``nn.Linear`` initialises its weight (bound 1/√fan-in); the zero factor is 0."""
     random, zero, fan_in, hook = {"lora": ("A", "B", 0, _lora_hook), "adapter": ("down", "up", 1, _adapter_hook)}[kind]
 
-    def attach(module: nn.Module, name: str, width: int, generator: torch.Generator, like: dict) -> None:
+    def attach(module: nn.Module, name: str, width: int, generator: torch.Generator, like: dict):
         features = _features(module, name, kind)
         bound = 1.0 / math.sqrt(features[fan_in])
         setattr(module, f"{PREFIX}{kind}_{random}", nn.Parameter(
             ((torch.rand(width, features[fan_in], generator=generator) * 2 - 1) * bound).to(**like)))
         setattr(module, f"{PREFIX}{kind}_{zero}", nn.Parameter(torch.zeros(features[1], width, **like)))
-        module.register_forward_hook(hook)
+        return module.register_forward_hook(hook)
 
     return attach
 
@@ -144,20 +146,27 @@ class Additive(SearchSpace):
     backbone: bool = False
     seed: int = 0
 
-    def attach(self, model: nn.Module) -> None:
+    def attach(self, model: nn.Module) -> Callable[[], None]:
         targets = {"lora": self.lora_targets, "adapter": self.adapter_targets, "prompt": self.prompt_targets}
-        attached = 0
+        attached = []  # (module, kind, its hook)
         for name, module in list(model.named_modules()):
             weight = next(module.parameters(), None)
             like = {} if weight is None else {"dtype": weight.dtype, "device": weight.device}
             for kind in (k for k in KINDS if k in self.kinds):
                 if any(fnmatchcase(name, p) for p in targets[kind]):
                     generator = torch.Generator().manual_seed(self.seed * 2**32 + zlib.crc32(f"{kind}:{name}".encode()))
-                    ATTACH[kind](module, name, self.width, generator, like)
-                    attached += 1
+                    attached.append((module, kind, ATTACH[kind](module, name, self.width, generator, like)))
         if not attached:
             raise ValueError(f"search_space: additive kinds={list(self.kinds)} found no module matching their "
                              f"targets ({', '.join(f'{k}: {list(targets[k])}' for k in self.kinds)})")
+
+        def remove() -> None:
+            for module, kind, hook in attached:
+                hook.remove()
+                for factor in [n for n, _ in module.named_parameters(recurse=False) if n.startswith(PREFIX + kind)]:
+                    delattr(module, factor)
+
+        return remove
 
     def covered(self, names: list[str], head_names: list[str]) -> list[str]:
         head = set(head_names)
