@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 OUT    ?= runs/default
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test clean
+.PHONY: setup run test notebooks clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,11 @@ run: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+# re-execute every notebook in its full setting and store the outputs (runs go to runs/notebooks)
+notebooks: $(STAMP)
+	mkdir -p runs/notebooks
+	for nb in notebooks/*.ipynb; do $(VENV)/bin/papermill --cwd runs/notebooks -k python3 "$$nb" "$$nb" || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs

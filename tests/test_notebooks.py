@@ -1,0 +1,32 @@
+"""The research notebooks: each runs end to end in its small setting (papermill injects SMALL = True), and the
+committed copy holds the outputs of its full setting (`make notebooks`), figures included."""
+from pathlib import Path
+
+import nbformat
+import pytest
+
+NOTEBOOKS = Path(__file__).parents[1] / "notebooks"
+EXECUTED = {"sampler_validity.ipynb": 4}  # notebook: how many figures its committed outputs hold
+
+
+@pytest.mark.parametrize("name", sorted(EXECUTED))
+def test_notebook_runs_in_its_small_setting(name, tmp_path, monkeypatch):
+    papermill = pytest.importorskip("papermill")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = papermill.execute_notebook(str(NOTEBOOKS / name), str(tmp_path / name), parameters={"SMALL": True},
+                                     cwd=str(tmp_path), kernel_name="python3", progress_bar=False)
+    assert not [o for c in out.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert _figures(out) == EXECUTED[name]
+
+
+@pytest.mark.parametrize("name", sorted(EXECUTED))
+def test_the_committed_notebook_holds_its_full_outputs(name):
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    code = [c for c in notebook.cells if c.cell_type == "code"]
+    assert all(c.execution_count for c in code), "a code cell was never executed"
+    assert not any("SMALL = True" in c.source for c in code), "committed from the small setting"
+    assert _figures(notebook) == EXECUTED[name]
+
+
+def _figures(notebook) -> int:
+    return sum("image/png" in o.get("data", {}) for c in notebook.cells for o in c.get("outputs", []))
