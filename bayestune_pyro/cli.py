@@ -3,6 +3,7 @@
     bayestune run    [--config FILE] [--out DIR] [options]   stage 1 → mask → stage 2 → metrics, one run directory
     bayestune stage1 [--config FILE] [--out DIR] [options]   stage 1 only (writes the posterior)
     bayestune export RUN [--p P | --threshold T | --auto] [--rank mean|lcb] [--z Z]   mask from the posterior of RUN
+    bayestune export RUN --format peft|hf [--out DIR]        RUN's fine-tuned model as a PEFT adapter / HF checkpoint
     bayestune stage2 RUN [options]                          stage 2 + evaluation from RUN's mask
     bayestune merge-chains RUN_A RUN_B ... --out RUN         pool separately run chains
     bayestune diagnose RUN                                  convergence checks: RUN/trace.nc and RUN/report.html
@@ -22,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -30,6 +32,29 @@ from .config import RunConfig, layered, option_fields
 from .registry import ENGINES, METHODS, SEARCH_SPACES
 
 EXIT_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one-line ValueErrors naming the option, printed by :func:`main` like every
+    other error (argparse's own is a usage block and ``<prog>: error: ...``); its subcommands' parsers are too."""
+
+    def error(self, message: str):
+        raise ValueError(_usage_error(self.prog, message))
+
+
+def _usage_error(prog: str, message: str) -> str:
+    """argparse's ``message`` as ``<field>: <problem> (see `<prog> --help`)``."""
+    field, problem = "arguments", message
+    if m := re.match(r"argument ([^:]+): (.*)", message, re.S):
+        field, problem = m.group(1).split("/")[0], m.group(2)
+    elif m := re.match(r"the following arguments are required: ([^,]+)", message):
+        field, problem = m.group(1), "required"
+    elif m := re.match(r"(unrecognized arguments|ambiguous option): (-\S+)", message):
+        field = m.group(2).split("=")[0]
+    field = field.lstrip("-").replace("-", "_").lower()
+    if not re.fullmatch(r"[a-z0-9_]+", field):
+        field, problem = "arguments", message
+    return f"{field}: {problem} (see `{prog} --help`)"
 
 
 def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (),
@@ -63,7 +88,7 @@ def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] =
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bayestune",
         description="BayesTune: Bayesian sparse fine-tuning. Stage 1 samples the Gamma-Laplace posterior of the "
                     "backbone with SGLD; the largest posterior-mean scales λ̂ pick the coordinates that stage 2 "
@@ -77,8 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", metavar="DIR", help="run directory [runs/<task>]")
         p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
         _add_config_options(p)
-    p = sub.add_parser("export", help="mask from a run's posterior (top-p or threshold on λ̂)",
-                       description="Write RUN/mask.safetensors from RUN/posterior.safetensors.")
+    p = sub.add_parser("export", help="mask from a run's posterior (top-p or threshold on λ̂), or the fine-tuned "
+                       "model for PEFT / transformers",
+                       description="Write RUN/mask.safetensors from RUN/posterior.safetensors; with --format peft "
+                                   "or hf, RUN's fine-tuned model (delta.safetensors) as a PEFT adapter or a "
+                                   "transformers checkpoint instead.")
     p.add_argument("run_dir", metavar="RUN", help="run directory holding posterior.safetensors")
     choice = p.add_mutually_exclusive_group()
     choice.add_argument("--p", type=float, help="fraction of coordinates to keep (top-p by λ̂) [RUN's p]")
@@ -87,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", choices=("mean", "lcb"), default="mean",
                    help="rank by λ̂ or by its lower credible bound λ̂ − z·sd (prefers low variance)")
     p.add_argument("--z", type=float, help="z of the lower credible bound (--rank lcb) [1.645]")
+    p.add_argument("--format", choices=("mask", "peft", "hf"), default="mask",
+                   help="mask: re-cut RUN's mask from its posterior (the options above); peft: RUN's fine-tuned "
+                        "delta as a PEFT adapter directory; hf: the merged fine-tuned model as a transformers "
+                        "checkpoint")
+    p.add_argument("--out", metavar="DIR", help="--format peft or hf: the directory to write [RUN/<format>]")
     p = sub.add_parser("stage2", help="fine-tune the masked coordinates of a run and evaluate",
                        description="Stage 2 from RUN/mask.safetensors; writes delta.safetensors and metrics.json.")
     p.add_argument("run_dir", metavar="RUN", help="run directory holding mask.safetensors and config.yaml")
@@ -190,7 +223,16 @@ def _command(args: argparse.Namespace) -> dict | None:
         return parts()
     run_dir = Path(args.run_dir)
     base = _existing_config(run_dir)
+    if args.command == "export" and args.format != "mask":
+        if args.p is not None or args.threshold is not None or args.auto or args.rank != "mean" or args.z is not None:
+            raise ValueError(f"format: --format {args.format} exports RUN's fine-tuned delta; --p, --threshold, "
+                             "--auto, --rank and --z re-cut the mask (--format mask), then run stage2 and export")
+        from .finetune.export import export_model
+
+        return export_model(run_dir, args.format, args.out)
     if args.command == "export":
+        if args.out is not None:
+            raise ValueError("out: --out is for --format peft or hf; --format mask writes RUN/mask.safetensors")
         p, threshold = args.p, args.threshold
         if p is None and threshold is None and not args.auto:
             p, threshold = base.get("p"), base.get("threshold")
@@ -211,9 +253,7 @@ def _command(args: argparse.Namespace) -> dict | None:
         from .diagnostics.report import diagnose
 
         return diagnose(run_dir)
-    config = resolve_config(args, base)
-    pipeline.write_config(config, run_dir)
-    return pipeline.stage2(config, run_dir)
+    return pipeline.stage2(resolve_config(args, base), run_dir)  # writes config.yaml once the run's files fit it
 
 
 def parts() -> dict:
@@ -257,9 +297,8 @@ def _bench(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        result = _command(args)
+        result = _command(build_parser().parse_args(argv))
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"bayestune: error: {message}", file=sys.stderr)

@@ -89,6 +89,31 @@ def check_noise_discount(owner) -> None:
             raise ValueError(f"gamma: must be >= 0 (0 is MAP), got {value!r}")
 
 
+BACKBONES = ("minilm-l6", "tiny-bert", "tiny-vit")  # by name; else hf:<hub id or dir>, timm:<name> or a directory
+DEVICES = ("cpu", "cuda", "mps", "xpu")
+
+
+def check_backbone(spec: str) -> None:
+    """``spec`` names a backbone :func:`models.backbones.load_backbone` knows how to load (it may still fail to)."""
+    prefix, _, rest = spec.partition(":")
+    if not (spec in BACKBONES or (prefix in ("hf", "timm") and rest.strip()) or os.path.isdir(spec)):
+        raise ValueError(f"backbone: unknown value {spec!r}; use {', '.join(BACKBONES)}, hf:<hub id or dir>, "
+                         "timm:<name> or an existing checkpoint directory")
+
+
+def check_device(device: str) -> None:
+    """``device`` is a torch device of a type runs go on (``cpu``, ``cuda:1``, ...); whether this machine has it is
+    checked when a stage starts (``run_setup.check_available``)."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"device: {device!r} is not a torch device ({str(err).splitlines()[0][:80]})") from None
+    if kind not in DEVICES:
+        raise ValueError(f"device: {device!r} is not a device runs go on; use {', '.join(DEVICES)} (e.g. cuda:1)")
+
+
 def check_at_least_one(owner, *names: str) -> None:
     for name in names:
         if getattr(owner, name) < 1:
@@ -219,6 +244,8 @@ class RunConfig:
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"task: unknown value {self.task!r}; choose one of: {', '.join(TASKS)}")
+        check_backbone(self.backbone)
+        check_device(self.device)
         if self.data_dir is not None and self.task not in HUB_ID_TASKS and not Path(self.data_dir).is_dir():
             raise ValueError(f"data_dir: {self.data_dir!r} is not a directory")
         check_at_least_one(self, "max_length", "batch_size", "eval_batch_size", "shots_per_class", "stage2_steps",
@@ -228,10 +255,12 @@ class RunConfig:
         if self.image_size is not None and self.image_size < 1:
             raise ValueError(f"image_size: must be >= 1 or unset, got {self.image_size!r}")
         check_positive(self, "head_lr", "stage2_lr", "sigma")
+        if self.stage2_head_lr is not None:
+            check_positive(self, "stage2_head_lr")
         if not 0 <= self.validation_fraction <= 0.5:
             raise ValueError(f"validation_fraction: must be in [0, 0.5], got {self.validation_fraction!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay!r}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay: must be a number >= 0, got {self.weight_decay!r}")
         if self.p is None and self.threshold is None:
             raise ValueError("p: unset, and no threshold either; give one of them")
         if self.p is not None and not 0 < self.p <= 1:
@@ -466,9 +495,12 @@ def read_yaml_mapping(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ValueError(f"config: {str(path)!r} does not exist")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"config: {str(path)!r} is not valid YAML ({str(err).splitlines()[0]})") from None
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ValueError(f"config: {str(path)!r} is not valid UTF-8 YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(values, dict):
         raise ValueError(f"config: {str(path)!r} must hold a mapping of field: value")
+    for key in values:
+        if not isinstance(key, str):
+            raise ValueError(f"config: {str(path)!r} has the key {key!r}, not a field name")
     return values

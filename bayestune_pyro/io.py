@@ -1,11 +1,17 @@
 """Atomic, durable artifact writes: tensors in safetensors, metadata in JSON/YAML (temp file, fsync, rename, fsync
 of the directory: nothing half-written, nothing lost to a crash once written), and nested states (checkpoints) as
-one safetensors file with their structure in its header, never pickle."""
+one safetensors file with their structure in its header, never pickle.
+
+Every safetensors file carries ``sha256`` in its header: the digest of its other header entries and its tensors
+(names, dtypes, shapes, bytes), checked on reading, so a flipped bit anywhere is an error, not a silent change.
+Reading errors are one-line ValueErrors naming the artifact and the file."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,11 +19,12 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 TENSOR, TUPLE, ITEMS = "$tensor", "$tuple", "$items"  # the structure's tags (a state's own keys never start with $)
 STATE = "state"  # the header entry holding a saved state's structure
 PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02\x8a\x0a")  # torch.save's zip archive, or its legacy pickle
+DIGEST = "sha256"  # the header entry holding a safetensors file's digest
 
 
 @contextmanager
@@ -29,7 +36,8 @@ def atomic_path(path: str | os.PathLike):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    _remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -42,6 +50,48 @@ def atomic_path(path: str | os.PathLike):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporary files of ``path`` whose writer is gone (killed mid-write: its ``finally`` never ran)."""
+    prefix = f".{path.name}."
+    for tmp in path.parent.iterdir():
+        pid = tmp.name[len(prefix):].split(".")[0]
+        if tmp.name.startswith(prefix) and tmp.name.endswith(".tmp") and pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike):
+    """Yield a temporary directory beside ``path``; it becomes ``path`` (absent or empty) only if the block finishes,
+    every file in it fsynced before the rename and the parent directory after it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; artifacts get the usual permissions
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                _fsync(file, os.O_RDONLY)
+        _fsync_directory(tmp)
+        os.replace(tmp, path)
+        _fsync_directory(path.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def _fsync(path: str | os.PathLike, flags: int) -> None:
@@ -62,13 +112,48 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = None) -> str:
+    """Write ``tensors`` and ``metadata`` with their digest in the header; returns the digest."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    metadata = {k: v for k, v in (metadata or {}).items() if k != DIGEST}
+    metadata[DIGEST] = digest(tensors, metadata)
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        save_file(tensors, str(tmp), metadata=metadata)
+    return metadata[DIGEST]
 
 
-def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    return load_file(str(path), device=str(device))
+def digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """sha256 of the header entries (but the digest) and of every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in metadata.items() if k != DIGEST}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def read_tensors(path: str | os.PathLike, what: str, tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(header metadata, tensors on the CPU) of a safetensors file; the digest is checked when the file has one
+    (files written before it existed have none). A one-line ValueError ``<what>: <path> ...`` if the file is
+    missing, a pickle (``torch.save``), truncated or corrupted."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            loaded = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+    except FileNotFoundError:
+        raise ValueError(f"{what}: {path} does not exist") from None
+    except (SafetensorError, OSError) as err:
+        if path.is_file():
+            with open(path, "rb") as f:
+                if f.read(4).startswith(PICKLE_MAGIC):
+                    raise ValueError(f"{what}: {path} was written by torch.save (a pickle), which is not "
+                                     "read") from None
+        raise ValueError(f"{what}: {path} is truncated or corrupted ({_first_line(err)})") from None
+    if tensors and DIGEST in metadata and digest(loaded, metadata) != metadata[DIGEST]:
+        raise ValueError(f"{what}: {path} is truncated or corrupted (its contents do not match the sha256 in its "
+                         "header)")
+    return metadata, loaded
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
@@ -76,8 +161,17 @@ def write_json(path: str | os.PathLike, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def read_json(path: str | os.PathLike):
-    return json.loads(Path(path).read_text())
+def read_json(path: str | os.PathLike, what: str | None = None):
+    """The JSON value in ``path``; a one-line ValueError ``<what>: <path> ...`` (``what`` defaults to the file's
+    stem, e.g. ``metrics``) if it is missing or not UTF-8 JSON."""
+    path = Path(path)
+    what = what or path.stem
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{what}: {path} does not exist") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, IsADirectoryError) as err:
+        raise ValueError(f"{what}: {path} is not valid JSON ({_first_line(err)})") from None
 
 
 def write_yaml(path: str | os.PathLike, obj) -> None:
@@ -110,16 +204,8 @@ def load_state(path: str | os.PathLike) -> dict:
 
 
 def _open_state(path: Path, tensors: bool) -> tuple[dict, dict[str, torch.Tensor]]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = (f.metadata() or {}).get(STATE)
-            loaded = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
-    except SafetensorError as err:
-        with open(path, "rb") as f:
-            if f.read(4).startswith(PICKLE_MAGIC):
-                raise ValueError(f"checkpoint: {path} was written by torch.save (a pickle), which is no longer "
-                                 "read") from None
-        raise ValueError(f"checkpoint: {path} is truncated or corrupted ({_first_line(err)})") from None
+    metadata, loaded = read_tensors(path, "checkpoint", tensors)
+    header = metadata.get(STATE)
     try:
         tree = json.loads(header) if header is not None else None
     except json.JSONDecodeError as err:

@@ -66,8 +66,9 @@ def stage1(config: RunConfig, run_dir: str | os.PathLike, progress: bool = True)
         run_chain(kernel, s.train_batches(seed), config.schedule(), posterior, engine=engine.name, chain=chain,
                   device=s.lifted.theta_bar.device, checkpoint_dir=run_dir,
                   checkpoint_every=options.checkpoint_every, progress=progress)
-    posterior.save(run_dir, {"seconds": time.perf_counter() - start, "n_train": len(s.task.train),
-                             "inference": config.inference, "seeds": [config.seed + c for c in range(options.chains)]})
+    posterior.save(run_dir, {"backbone": config.backbone, "seconds": time.perf_counter() - start,
+                             "n_train": len(s.task.train), "inference": config.inference,
+                             "seeds": [config.seed + c for c in range(options.chains)]})
     (run_dir / CHECKPOINT).unlink(missing_ok=True)
     return posterior
 
@@ -81,10 +82,12 @@ def merge_chains(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> S
     for d in run_dirs:
         if not (Path(d) / "posterior.json").exists():
             raise ValueError(f"runs: {str(d)!r} has no posterior.json (run stage 1 there first)")
-        parts.append(StreamingPosterior.load(d))
+        parts.append(load_posterior(d))
     first = parts[0]
     for d, part in zip(run_dirs[1:], parts[1:]):
-        if part.layout != first.layout or not torch.equal(part.tracked_index, first.tracked_index):
+        backbones = {part.meta.get("backbone"), first.meta.get("backbone")} - {None}  # None: not recorded
+        if len(backbones) > 1 or part.layout != first.layout or not torch.equal(part.tracked_index,
+                                                                                  first.tracked_index):
             raise ValueError(f"runs: {str(d)!r} has another backbone, search space or tracked set than "
                              f"{str(run_dirs[0])!r}")
     merged = StreamingPosterior.concatenate(parts)
@@ -92,7 +95,8 @@ def merge_chains(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> S
     out = Path(out)
     write_config(config, out)
     seeds = [seed for part in parts for seed in part.meta.get("seeds", [None] * part.chains)]
-    merged.save(out, {"seconds": sum(part.meta.get("seconds", 0.0) for part in parts),
+    merged.save(out, {"backbone": first.meta.get("backbone"),
+                      "seconds": sum(part.meta.get("seconds", 0.0) for part in parts),
                       "inference": first.meta.get("inference"), "seeds": seeds,
                       "merged_from": [str(d) for d in run_dirs]})
     return merged
@@ -105,22 +109,30 @@ def export(run_dir: str | os.PathLike, p: float | None = None, threshold: float 
     if not (Path(run_dir) / "posterior.json").exists():
         raise ValueError(f"run: {str(run_dir)!r} has no posterior to cut a mask from (run stage 1 there first; "
                          f"peer methods select their mask in `bayestune run`)")
-    mask = select(StreamingPosterior.load(run_dir), p, threshold, auto=auto, rank=rank, z=z)
+    mask = select(load_posterior(run_dir), p, threshold, auto=auto, rank=rank, z=z)
     mask.save(run_dir)
     return mask
 
 
+def load_posterior(run_dir: str | os.PathLike) -> StreamingPosterior:
+    """The posterior of ``run_dir``, checked against the backbone its config.yaml names (when it has one)."""
+    config = Path(run_dir) / "config.yaml"
+    backbone = RunConfig.from_yaml(config, strict=False).backbone if config.is_file() else None
+    return StreamingPosterior.load(run_dir, backbone=backbone)
+
+
 def stage2(config: RunConfig, run_dir: str | os.PathLike, progress: bool = True) -> dict:
-    """Fine-tune with the configured method (the run's mask for masked methods), evaluate, write metrics.json
-    and, for masked methods, delta.safetensors."""
+    """Fine-tune with the configured method (the run's mask for masked methods, checked against the backbone),
+    evaluate, write config.yaml, metrics.json and, for masked methods, delta.safetensors."""
     config.single("stage 2")
     run_dir = Path(run_dir)
-    s, method = setup(config), METHODS.get(config.method)
-    mask = None
-    if method.masked:
-        mask = Mask.load(run_dir, s.lifted.theta_bar.device)
-        if mask.layout != s.lifted.layout:
-            raise ValueError(f"mask: {run_dir / 'mask.json'} was made for another backbone or search space")
+    method = METHODS.get(config.method)
+    mask = Mask.load(run_dir) if method.masked else None  # a damaged mask fails before anything is loaded
+    s = setup(config)
+    if mask is not None:
+        mask.expect(run_dir, s.lifted.layout, config.backbone)
+        mask.index = mask.index.to(s.lifted.theta_bar.device)
+    write_config(config, run_dir)  # once the run's files fit it: a refused stage 2 leaves the run as it was
     tuner = method.tuner(s, config.options, mask)
     try:
         start = time.perf_counter()
@@ -206,7 +218,7 @@ def sweep(run_dir: str | os.PathLike, budgets: list[float], progress: bool = Tru
         raise ValueError("p_sweep: p is chosen on the validation split; run with --validation-fraction > 0")
     if not (run_dir / "posterior.json").exists():
         raise ValueError(f"run: {str(run_dir)!r} has no posterior to cut the sweep's masks from")
-    posterior, rows = StreamingPosterior.load(run_dir), []
+    posterior, rows = StreamingPosterior.load(run_dir, backbone=config.backbone), []
     for p in sorted(budgets):
         sub = run_dir / "sweep" / f"p={p:g}"
         if not (sub / "metrics.json").exists():
@@ -246,11 +258,13 @@ def run(config: RunConfig, run_dir: str | os.PathLike, progress: bool = True) ->
     if method.posterior:
         if not (run_dir / "posterior.json").exists():
             stage1(config, run_dir, progress)
+        (run_dir / CHECKPOINT).unlink(missing_ok=True)  # stage 1 is done, even if it was cut before removing it
         if not (run_dir / "mask.json").exists():
             export(run_dir, config.budget_p(), config.threshold)
     elif method.select is not None and not (run_dir / "mask.json").exists():
         start = time.perf_counter()
         mask = method.select(setup(config), config.options)
         mask.info["seconds"] = time.perf_counter() - start
+        mask.backbone = config.backbone
         mask.save(run_dir)
     return stage2(config, run_dir, progress)

@@ -75,6 +75,7 @@ def setup(config: RunConfig) -> Setup:
 
     Methods without a posterior get the model too, for its likelihood p(y|·) (their loss).
     """
+    check_available(config.device)
     task = load_task(config.task, config.data_dir, seed=config.data_seed, train_size=config.train_size,
                      validation_fraction=config.validation_fraction, shots_per_class=config.shots_per_class)
     backbone = load_backbone(config.backbone, task.spec.num_labels, pretrained=config.pretrained, seed=config.seed,
@@ -96,3 +97,12 @@ def setup(config: RunConfig) -> Setup:
              if hasattr(config.options, name)}
     model = GammaLaplaceModel(lifted, likelihood=likelihood, sigma=config.sigma, **prior)
     return Setup(config, task, lifted, model)
+
+
+def check_available(device: str) -> None:
+    """This machine has ``device`` (one-line ValueError otherwise), before any data or backbone is loaded."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:
+        raise ValueError(f"device: {device!r} is not available on this machine ({str(err).splitlines()[0][:80]}); "
+                         "use --device cpu") from None

@@ -24,7 +24,8 @@ def test_the_committed_notebook_holds_its_full_outputs(name):
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
     code = [c for c in notebook.cells if c.cell_type == "code"]
     assert all(c.execution_count for c in code), "a code cell was never executed"
-    assert not any("SMALL = True" in c.source for c in code), "committed from the small setting"
+    injected = [c for c in code if "injected-parameters" in c.metadata.get("tags", [])]  # papermill's -p cell
+    assert not injected, f"committed with parameters {injected[0].source!r}, not its full setting"
     assert _figures(notebook) == EXECUTED[name]
 
 

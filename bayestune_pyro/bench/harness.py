@@ -11,17 +11,21 @@ or step budget for a task that needs one); every method on that task gets it. A 
 
 ``OUT/cells.jsonl`` is appended after every cell, so an interrupted bench resumes where it stopped and a
 finished cell is never recomputed; ``OUT/bench.yaml`` fixes the protocol (a different one is refused);
-``OUT/results.md`` is re-rendered after every cell. Cell directories keep config, mask and metrics; the
-posterior and deltas are deleted once a cell is recorded (they are ~8 bytes per coordinate).
+``OUT/results.md`` is re-rendered after every cell. One bench at a time runs in an ``OUT``: it holds an OS lock
+(``flock``) on ``OUT/bench.lock``, which the OS releases when the process ends, however it ends. Cell directories
+keep config, mask and metrics; the posterior and deltas are deleted once a cell is recorded (they are ~8 bytes per
+coordinate).
 """
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -39,6 +43,7 @@ GRID = ("task", "data_dir", "method", "seed", "data_seed", "p", "threshold")  # 
 # what an option added later meant in a bench.yaml written before it: the behaviour of the code at the time
 LEGACY = {"precond_eps": 1e-8, "freeze_preconditioner": False, "gibbs": False, "lambda_estimator": "draws"}
 HEAVY = ("posterior.safetensors", "delta.safetensors", "stage1.ckpt", "trace.nc")
+LOCK = "bench.lock"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +124,13 @@ def read_records(path: Path) -> list[dict]:
 
 
 def _append(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    """Append one line; a last line cut by a crash mid-write is dropped first, or the record would join it."""
+    with open(path, "a+b") as f:
+        f.seek(0)
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+        f.write((json.dumps(record, ensure_ascii=False) + "\n").encode())
         f.flush()
         os.fsync(f.fileno())
 
@@ -185,49 +195,82 @@ def run_bench(base: dict, tasks: list[str], methods: list[str], budgets: list[fl
         METHODS.get(method)  # a one-line error for an unknown method
     out = Path(out)
     jsonl = out / "cells.jsonl"
-    done = {(r["task"], r["method"], r["seed"], r["p"]) for r in read_records(jsonl)}
-    todo = [c for c in cells(tasks, methods, budgets, seeds) if c.key not in done]
+    grid = cells(tasks, methods, budgets, seeds)
     # every cell is validated before the first one runs
     configs = [_cell_config(base, c, data_root, {**per_method.get(c.method, {}), **per_task.get(c.task, {})})
-               for c in todo]
-    from .. import pipeline  # heavy imports after validation
-    from ..data import load_task
+               for c in grid]
+    for method, overrides in per_method.items():  # an option the method does not have would be dropped silently
+        config = next(c for cell, c in zip(grid, configs) if cell.method == method)
+        for field in overrides:
+            if field not in config.flat():
+                raise ValueError(f"per_method: {field!r} is not an option of method {method!r} (nor a run option)")
+    from ..data import load_task  # heavy imports after validation
+    from ..run_setup import check_available
 
+    for device in {c.device for c in configs}:
+        check_available(device)
     for config in {c.task: c for c in configs}.values():  # every task's files readable before the first cell
         load_task(config.task, config.data_dir, seed=0)
     out.mkdir(parents=True, exist_ok=True)  # only now: bad input leaves no bench directory behind
-    _check_protocol(protocol(base, per_task, per_method, methods), out, methods)
-    bar = tqdm(list(zip(todo, configs)), desc="bench", disable=not progress, dynamic_ncols=True)
-    for cell, config in bar:
-        bar.set_postfix(task=cell.task, method=cell.method, seed=cell.seed)
-        directory = cell.directory(out)
-        shutil.rmtree(directory, ignore_errors=True)  # an unfinished cell starts again
-        directory.mkdir(parents=True)
-        record = {"task": cell.task, "method": cell.method, "seed": cell.seed, "p": cell.p}
-        start = time.perf_counter()
-        try:
-            with PeakMemory(config.device) as mem:
-                metrics = pipeline.run(config, directory, progress=False)
-        except FloatingPointError as err:  # a diverged cell is reported, not averaged in; anything else stops
-            record.update(status="failed", error=f"{type(err).__name__}: {str(err).splitlines()[0]}",
-                          seconds=time.perf_counter() - start)
-            (directory / "error.txt").write_text(traceback.format_exc())
-        else:
-            record.update(status="ok", metric=metrics["metric"], score=metrics[f"test_{metrics['metric']}"],
-                          test=metrics["test"], validation_score=metrics.get("validation_score"),
-                          n_updated=metrics["n_updated"], budget=metrics["budget"], n_total=metrics["n_total"],
-                          seconds=time.perf_counter() - start, peak_mb=mem.growth / 2**20)
-            for key in ("n_changed", "chosen", "grid"):  # grid: every point's validation score, and the winner
-                if key in metrics:
-                    record[key] = metrics[key]
-        for name in HEAVY:  # also in the points of a grid (RUN/grid/*/)
-            for path in directory.rglob(name):
-                path.unlink()
-        _append(jsonl, record)
-        render(read_records(jsonl), out / "results.md", tasks_order=tasks)
-    records = read_records(jsonl)
-    render(records, out / "results.md", tasks_order=tasks)
+    with _lock(out):
+        _check_protocol(protocol(base, per_task, per_method, methods), out, methods)
+        done = {(r["task"], r["method"], r["seed"], r["p"]) for r in read_records(jsonl)}  # under the lock
+        todo = [(cell, config) for cell, config in zip(grid, configs) if cell.key not in done]
+        bar = tqdm(todo, desc="bench", disable=not progress, dynamic_ncols=True)
+        for cell, config in bar:
+            bar.set_postfix(task=cell.task, method=cell.method, seed=cell.seed)
+            _append(jsonl, _run_cell(cell, config, out))
+            render(read_records(jsonl), out / "results.md", tasks_order=tasks)
+        records = read_records(jsonl)
+        render(records, out / "results.md", tasks_order=tasks)
     return records
+
+
+@contextmanager
+def _lock(out: Path):
+    """Hold ``OUT/bench.lock`` (``flock``: released by the OS when this process ends, even by kill -9), or refuse."""
+    with open(out / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "unknown"
+            raise ValueError(f"out: {str(out)!r} is in use by another bench (pid {pid}); wait for it to finish or "
+                             "choose another --out") from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+
+
+def _run_cell(cell: Cell, config: RunConfig, out: Path) -> dict:
+    """Run one cell from scratch in its directory (an unfinished one starts again) and return its record."""
+    from .. import pipeline
+
+    directory = cell.directory(out)
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    record = {"task": cell.task, "method": cell.method, "seed": cell.seed, "p": cell.p}
+    start = time.perf_counter()
+    try:
+        with PeakMemory(config.device) as mem:
+            metrics = pipeline.run(config, directory, progress=False)
+    except FloatingPointError as err:  # a diverged cell is reported, not averaged in; anything else stops
+        record.update(status="failed", error=f"{type(err).__name__}: {str(err).splitlines()[0]}",
+                      seconds=time.perf_counter() - start)
+        (directory / "error.txt").write_text(traceback.format_exc())
+    else:
+        record.update(status="ok", metric=metrics["metric"], score=metrics[f"test_{metrics['metric']}"],
+                      test=metrics["test"], validation_score=metrics.get("validation_score"),
+                      n_updated=metrics["n_updated"], budget=metrics["budget"], n_total=metrics["n_total"],
+                      seconds=time.perf_counter() - start, peak_mb=mem.growth / 2**20)
+        for key in ("n_changed", "chosen", "grid"):  # grid: every point's validation score, and the winner
+            if key in metrics:
+                record[key] = metrics[key]
+    for name in HEAVY:  # also in the points of a grid (RUN/grid/*/)
+        for path in directory.rglob(name):
+            path.unlink()
+    return record
 
 
 def _cell_config(base: dict, cell: Cell, data_root: str | None, overrides: dict) -> RunConfig:

@@ -20,9 +20,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..artifacts import Reader
 from ..config import RunConfig
 from ..inference.posterior import StreamingPosterior
-from ..io import atomic_path, read_json
+from ..io import atomic_path
 from ..registry import ENGINES
 from ..selection.masks import Mask
 from ..selection.uncertainty import Curve, inclusion_from_draws, inclusion_probability, select
@@ -79,29 +80,39 @@ def load_run(run_dir: str | os.PathLike) -> tuple[StreamingPosterior, RunConfig]
         raise ValueError(f"run: {str(run_dir)!r} has no {missing[0]} (not a run directory with a stage-1 posterior)")
     config = RunConfig.from_yaml(run_dir / "config.yaml", strict=False)
     if len(config.grid()) > 1:
-        config = config.replace(**read_json(run_dir / "metrics.json")["chosen"])
-    return StreamingPosterior.load(run_dir), config
+        reader = Reader("metrics", run_dir / "metrics.json")
+        config = config.replace(**reader.value(reader.record(), "chosen", (dict,)))
+    return StreamingPosterior.load(run_dir, backbone=config.backbone), config
 
 
 def diagnose(run_dir: str | os.PathLike) -> dict:
     """Write ``RUN/trace.nc`` and ``RUN/report.html``; return their paths and the verdict."""
     run_dir = Path(run_dir)
     posterior, config = load_run(run_dir)
+    inputs = _inputs(run_dir, posterior, config)  # every file the report reads, checked before anything is written
     idata = to_inference_data(posterior, config)
     trace_path = save_trace(idata, run_dir)
     convergence = assess(idata)
-    page = _page(run_dir, posterior, config, idata, convergence)
+    page = _page(run_dir, posterior, config, idata, convergence, *inputs)
     with atomic_path(run_dir / REPORT_FILE) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return {"report": str(run_dir / REPORT_FILE), "trace": str(trace_path), "status": convergence.status,
             "verdict": convergence.verdict, "warnings": convergence.warnings}
 
 
-def _page(run_dir: Path, posterior: StreamingPosterior, config: RunConfig, idata, convergence: Convergence) -> str:
+def _inputs(run_dir: Path, posterior: StreamingPosterior, config: RunConfig) -> tuple:
+    """(mask, where it came from, metrics or None, sweep or None): the run's files besides the posterior."""
     if (run_dir / "mask.json").is_file():
-        mask, mask_source = Mask.load(run_dir), "mask.json"
+        mask, mask_source = Mask.load(run_dir, layout=posterior.layout, backbone=config.backbone), "mask.json"
     else:
         mask, mask_source = select(posterior, config.budget_p(), config.threshold), "config.yaml (not exported yet)"
+    metrics = _metrics(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else None
+    sweep = _sweep(run_dir / "sweep.json") if (run_dir / "sweep.json").is_file() else None
+    return mask, mask_source, metrics, sweep
+
+
+def _page(run_dir: Path, posterior: StreamingPosterior, config: RunConfig, idata, convergence: Convergence,
+          mask: Mask, mask_source: str, metrics: dict | None, sweep: dict | None) -> str:
     mean, var = posterior.pooled(posterior.estimate)
     lambda_th = mask.threshold if mask.threshold is not None else (float(mean[mask.index].min()) if mask.k else None)
     curve = Curve.of(mean)
@@ -111,8 +122,6 @@ def _page(run_dir: Path, posterior: StreamingPosterior, config: RunConfig, idata
         knee = None
     agreement = chain_agreement(posterior, mask.p) if posterior.chains > 1 and mask.k else None
     tensors = tensor_summary(posterior, mask)
-    metrics = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else None
-    sweep = read_json(run_dir / "sweep.json") if (run_dir / "sweep.json").is_file() else None
 
     verdict = [("Mixing", convergence.status, convergence.verdict), _stability(agreement)]
     selection_rows = {"source": mask_source, "selection": mask.info.get("selection", "p" if mask.threshold is None
@@ -235,6 +244,38 @@ def _stability(agreement: np.ndarray | None) -> tuple[str, str, str]:
     mean = float((agreement.sum() - c) / (c * (c - 1)))
     status = "ok" if mean >= AGREEMENT_OK else "caution" if mean >= AGREEMENT_CAUTION else "fail"
     return "Mask stability", status, f"mean Jaccard overlap of the chains' top-p sets {mean:.2f}"
+
+
+def _metrics(path: Path) -> dict:
+    """metrics.json with the fields the report reads checked (a one-line ValueError naming the file otherwise)."""
+    reader = Reader("metrics", path)
+    metrics = reader.record()
+    name = reader.value(metrics, "metric", (str,))
+    reader.value(metrics, f"test_{name}", (float, None))
+    for key in ("n_test", "n_updated", "n_total"):
+        reader.count(metrics, key)
+    table = reader.value(metrics, "reliability", (dict, None), None)
+    if table is not None:
+        reader.value(reader.value(metrics, "test", (dict,)), "ece", (float,))
+        bins = reader.count(table, "bins")
+        for key, kinds in (("count", (int,)), ("accuracy", (float, None)), ("confidence", (float, None))):
+            reader.items(table, key, kinds, bins)
+        if bins < 1:
+            raise reader.error("has a reliability table of 0 bins")
+    return metrics
+
+
+def _sweep(path: Path) -> dict:
+    """sweep.json with the fields the report reads checked."""
+    reader = Reader("sweep", path)
+    sweep = reader.record()
+    reader.value(sweep, "chosen", (float,))
+    for row in reader.value(sweep, "rows", (list,)):
+        if not isinstance(row, dict):
+            raise reader.error(f"has a row {str(row)[:40]}, not an object")
+        for key, kinds in (("p", (float,)), ("k", (int,)), ("validation", (float, None)), ("test", (float, None))):
+            reader.value(row, key, kinds)
+    return sweep
 
 
 def _stage2(metrics: dict | None, mask: Mask) -> tuple[str, str | None, str]:

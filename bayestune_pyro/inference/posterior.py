@@ -11,7 +11,8 @@ Moments are kept per chain and pooled on demand (Chan et al.'s parallel combinat
   :class:`LambdaConditional` (λ_i | θ_i ~ GIG, since the data never touch λ). It never has a larger variance than
   ``draws`` and needs no mixing in λ. Its variance moment is the spread of E[λ|θ] over draws.
 
-Files: ``posterior.safetensors`` (tensors) and ``posterior.json`` (layout, counts, settings).
+Files: ``posterior.safetensors`` (tensors) and ``posterior.json`` (layout and its hash, backbone, counts, settings;
+sealed, see ``artifacts``).
 """
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ from pathlib import Path
 
 import torch
 
-from ..io import load_tensors, read_json, save_tensors, write_json
+from ..artifacts import LAYOUT_HASH, Reader, write_sealed
+from ..io import save_tensors
 from ..models.lifted import Layout
 
+FORMAT = "bayestune-posterior/2"
 STATS = ("loss", "log_joint")
 ESTIMATORS = ("draws", "rao-blackwell")
 MOMENT = {"draws": "lambda", "rao-blackwell": "lambda_rb"}  # the moment that holds each estimator's λ̂
@@ -129,10 +132,10 @@ class StreamingPosterior:
             tensors[f"{m}_mean"], tensors[f"{m}_m2"] = self.mean[m], self.m2[m]
         for name in self.traces[0]:
             tensors[f"trace.{name}"] = self.trace(name)
-        save_tensors(Path(run_dir) / "posterior.safetensors", tensors)
-        write_json(Path(run_dir) / "posterior.json",
-                   {"chains": self.chains, "counts": self.counts, "d": self.d, "layout": self.layout.to_json(),
-                    "estimator": self.estimator, **(extra or {})})
+        digest = save_tensors(Path(run_dir) / "posterior.safetensors", tensors)
+        write_sealed(Path(run_dir) / "posterior.json",
+                     {"chains": self.chains, "counts": self.counts, "d": self.d, "layout": self.layout.to_json(),
+                      LAYOUT_HASH: self.layout.sha256, "estimator": self.estimator, **(extra or {})}, FORMAT, digest)
 
     @classmethod
     def concatenate(cls, parts: list[StreamingPosterior]) -> StreamingPosterior:
@@ -151,17 +154,42 @@ class StreamingPosterior:
         return post
 
     @classmethod
-    def load(cls, run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> StreamingPosterior:
-        meta = read_json(Path(run_dir) / "posterior.json")
-        tensors = load_tensors(Path(run_dir) / "posterior.safetensors", device)
+    def load(cls, run_dir: str | os.PathLike, device: str | torch.device = "cpu", *,
+             backbone: str | None = None) -> StreamingPosterior:
+        """The posterior of ``run_dir``, every field and tensor shape checked, and sampled on ``backbone`` if given
+        (the run's); a one-line ValueError naming the file and the field otherwise."""
+        record_file = Reader("posterior", Path(run_dir) / "posterior.json")
+        meta = record_file.record(FORMAT)
+        layout = record_file.layout(meta)
+        chains = record_file.count(meta, "chains")
+        counts = record_file.items(meta, "counts", (int,), chains)
+        if chains < 1 or min(counts) < 0:
+            raise record_file.error(f"has chains={chains} and counts={str(counts)[:40]}; need chains >= 1 and "
+                                    "one sample count >= 0 per chain")
+        estimator = record_file.value(meta, "estimator", (str,), "draws")  # runs before the estimator was recorded
+        if estimator not in ESTIMATORS:
+            raise record_file.error(f"has estimator={estimator!r}, not one of: {', '.join(ESTIMATORS)}")
+        if backbone is not None and record_file.value(meta, "backbone", (str, None), None) is not None:
+            record_file.agree("backbone", meta["backbone"], backbone, "the run's config.yaml")
+        tensor_file = Reader("posterior", Path(run_dir) / "posterior.safetensors")
+        _, tensors = tensor_file.tensors(meta)
+        tracked = tensor_file.index(tensors, "tracked_index", layout.d)
+        moments = dict.fromkeys(["lambda", MOMENT[estimator]] + [m for m in ("delta",) if f"{m}_mean" in tensors])
+        draws = min(counts)
+        traces = ("lambda", "delta") + STATS
+        if not record_file.sealed:  # files of earlier versions may lack a trace
+            traces = tuple(n for n in traces if f"trace.{n}" in tensors)
+        tensor_file.only(tensors, {"tracked_index", *(f"{m}_{s}" for m in moments for s in ("mean", "m2")),
+                                   *(f"trace.{n}" for n in traces)})
         post = cls.__new__(cls)
-        post.layout, post.chains, post.counts = Layout.from_json(meta["layout"]), meta["chains"], meta["counts"]
-        post.estimator = meta.get("estimator", "draws")  # runs written before the estimator was recorded
-        post.tracked_index = tensors["tracked_index"]
-        moments = [k[: -len("_mean")] for k in tensors if k.endswith("_mean")]
-        post.mean = {m: tensors[f"{m}_mean"] for m in moments}
-        post.m2 = {m: tensors[f"{m}_m2"] for m in moments}
-        names = [k[len("trace."):] for k in tensors if k.startswith("trace.")]
-        post.traces = [{n: list(tensors[f"trace.{n}"][c].unbind(0)) for n in names} for c in range(post.chains)]
+        post.layout, post.chains, post.counts, post.estimator = layout, chains, counts, estimator
+        post.tracked_index = tracked.to(device)
+        post.mean = {m: tensor_file.tensor(tensors, f"{m}_mean", "float", (chains, layout.d)).to(device)
+                     for m in moments}
+        post.m2 = {m: tensor_file.tensor(tensors, f"{m}_m2", "float", (chains, layout.d)).to(device) for m in moments}
+        shapes = {n: (chains, draws, tracked.numel()) if draws and n in ("lambda", "delta") else (chains, draws)
+                  for n in traces}
+        stacked = {n: tensor_file.tensor(tensors, f"trace.{n}", "float", shapes[n]).to(device) for n in traces}
+        post.traces = [{n: list(stacked[n][c].unbind(0)) for n in traces} for c in range(chains)]
         post.meta = meta
         return post

@@ -1,4 +1,5 @@
 """l1sp: L1-to-θ̄ dense fine-tuning for ``--steps`` steps, then the top-k relative change |θ − θ̄| / (|θ̄| + ε)."""
+import math
 from dataclasses import dataclass
 
 from ..config import Options, check_positive, option
@@ -16,8 +17,8 @@ class L1SPOptions(Options):
 
     def check(self):
         check_positive(self, "dense_lr")
-        if self.l1 < 0:
-            raise ValueError(f"l1: must be >= 0, got {self.l1!r}")
+        if not 0 <= self.l1 < math.inf:
+            raise ValueError(f"l1: must be a number >= 0, got {self.l1!r}")
 
 
 def select(s, options: L1SPOptions):

@@ -21,13 +21,13 @@ embedding is built for (ViTs), else the ``pretrained_cfg`` input size (CNNs take
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..config import check_backbone
 from ..data.images import ImageInput
 from .efficientnet_lite import ARCHITECTURE, PACKAGED, load_packaged_weights
 
@@ -98,6 +98,7 @@ def init_head(backbone: Backbone, seed: int, target_mean: float | None = None) -
 
 
 def _load(spec: str, num_labels: int, pretrained: bool) -> Backbone:
+    check_backbone(spec)
     if spec == OFFLINE_DEFAULT:
         return _transformers(str(minilm_dir()), num_labels, pretrained)
     if spec == "tiny-bert":
@@ -108,12 +109,7 @@ def _load(spec: str, num_labels: int, pretrained: bool) -> Backbone:
         return _timm(spec[5:], num_labels, pretrained)
     if spec.startswith("hf:"):
         return _transformers(spec[3:], num_labels, pretrained)
-    if os.path.isdir(spec):
-        return _transformers(spec, num_labels, pretrained)
-    raise ValueError(
-        f"backbone: unknown value {spec!r}; use {OFFLINE_DEFAULT}, tiny-bert, tiny-vit, hf:<hub id or dir>, "
-        "timm:<name> or an existing checkpoint directory"
-    )
+    return _transformers(spec, num_labels, pretrained)  # an existing checkpoint directory
 
 
 def _transformers(name: str, num_labels: int, pretrained: bool) -> Backbone:

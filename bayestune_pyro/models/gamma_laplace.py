@@ -63,36 +63,45 @@ class GammaLaplaceModel:
         laplace = -math.log(2.0) - log_lam - (theta - self.lifted.theta_bar).abs() / lam
         return (gamma + laplace + log_lam).sum()
 
-    @torch.no_grad()
     def prior_grad_(self, theta: torch.Tensor, z_lambda: torch.Tensor, grad_theta: torch.Tensor,
                     grad_lambda: torch.Tensor, scale: float, work: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                     jacobian: bool = True, space: str = "log"):
-        """Add ``−scale·∂ log p/∂θ`` to ``grad_theta`` and write ``−scale·∂ log p/∂z_λ`` into ``grad_lambda``.
+        """:func:`prior_grad_` at this model's θ̄, α and β."""
+        prior_grad_(theta, self.lifted.theta_bar, z_lambda, grad_theta, grad_lambda, scale, work,
+                    alpha=self.alpha, beta=self.beta, jacobian=jacobian, space=space)
 
-        z_λ is log λ (``space="log"``) or λ itself, read as max(λ, λ_min) (``"linear"``, the original code's
-        parameterisation, with λ_min = :data:`LAMBDA_FLOOR`):
-        ∂/∂θ_i    log p = −sign(θ_i − θ̄_i) / λ_i
-        ∂/∂logλ_i log p = (α − 1) − β λ_i + |θ_i − θ̄_i| / λ_i   (the −1 of the Laplace normaliser cancels the +1
-        of the Jacobian |dλ/dlogλ|; without the Jacobian — MAP in the model's own λ — the constant is α − 2)
-        ∂/∂λ_i    log p = ((α − 2) + |θ_i − θ̄_i| / λ_i) / λ_i − β   (linear: no Jacobian)
-        The fast path of the Pyro trace's gradient (``tests/test_model.py`` checks they agree): a dozen
-        in-place passes over three caller-owned d-sized buffers ``work``, no allocation.
-        """
-        if space not in LAMBDA_SPACES:
-            raise ValueError(f"lambda_space: unknown value {space!r}; choose one of: {', '.join(LAMBDA_SPACES)}")
-        lam, inv_lam, diff = work
-        if space == "log":
-            torch.exp(z_lambda, out=lam)
-        else:
-            torch.clamp(z_lambda, min=LAMBDA_FLOOR, out=lam)
-        torch.reciprocal(lam, out=inv_lam)
-        torch.sub(theta, self.lifted.theta_bar, out=diff)
-        torch.sign(diff, out=grad_lambda)  # borrowed as scratch before it is written
-        grad_theta.addcmul_(grad_lambda, inv_lam, value=scale)
-        diff.abs_().mul_(inv_lam)  # |θ − θ̄|/λ
-        if space == "log":
-            diff.sub_(lam, alpha=self.beta)
-            torch.mul(diff, -scale, out=grad_lambda).sub_(scale * (self.alpha - (1.0 if jacobian else 2.0)))
-        else:
-            diff.add_(self.alpha - 2.0).mul_(inv_lam).sub_(self.beta)
-            torch.mul(diff, -scale, out=grad_lambda)
+
+@torch.no_grad()
+def prior_grad_(theta: torch.Tensor, theta_bar: torch.Tensor, z_lambda: torch.Tensor, grad_theta: torch.Tensor,
+                grad_lambda: torch.Tensor, scale: float, work: tuple[torch.Tensor, torch.Tensor, torch.Tensor], *,
+                alpha: float, beta: float, jacobian: bool = True, space: str = "log"):
+    """Add ``−scale·∂ log p/∂θ`` to ``grad_theta`` and write ``−scale·∂ log p/∂z_λ`` into ``grad_lambda``, for
+    λ ~ Gamma(α, β) and θ ~ Laplace(θ̄, λ) (any shape, all tensors alike).
+
+    z_λ is log λ (``space="log"``) or λ itself, read as max(λ, λ_min) (``"linear"``, the original code's
+    parameterisation, with λ_min = :data:`LAMBDA_FLOOR`):
+    ∂/∂θ_i    log p = −sign(θ_i − θ̄_i) / λ_i
+    ∂/∂logλ_i log p = (α − 1) − β λ_i + |θ_i − θ̄_i| / λ_i   (the −1 of the Laplace normaliser cancels the +1
+    of the Jacobian |dλ/dlogλ|; without the Jacobian — MAP in the model's own λ — the constant is α − 2)
+    ∂/∂λ_i    log p = ((α − 2) + |θ_i − θ̄_i| / λ_i) / λ_i − β   (linear: no Jacobian)
+    The fast path of the Pyro trace's gradient (``tests/test_model.py`` checks they agree): a dozen
+    in-place passes over three caller-owned buffers ``work`` shaped like θ, no allocation.
+    """
+    if space not in LAMBDA_SPACES:
+        raise ValueError(f"lambda_space: unknown value {space!r}; choose one of: {', '.join(LAMBDA_SPACES)}")
+    lam, inv_lam, diff = work
+    if space == "log":
+        torch.exp(z_lambda, out=lam)
+    else:
+        torch.clamp(z_lambda, min=LAMBDA_FLOOR, out=lam)
+    torch.reciprocal(lam, out=inv_lam)
+    torch.sub(theta, theta_bar, out=diff)
+    torch.sign(diff, out=grad_lambda)  # borrowed as scratch before it is written
+    grad_theta.addcmul_(grad_lambda, inv_lam, value=scale)
+    diff.abs_().mul_(inv_lam)  # |θ − θ̄|/λ
+    if space == "log":
+        diff.sub_(lam, alpha=beta)
+        torch.mul(diff, -scale, out=grad_lambda).sub_(scale * (alpha - (1.0 if jacobian else 2.0)))
+    else:
+        diff.add_(alpha - 2.0).mul_(inv_lam).sub_(beta)
+        torch.mul(diff, -scale, out=grad_lambda)

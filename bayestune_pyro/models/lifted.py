@@ -13,6 +13,9 @@ The head and any uncovered parameters are the module's own (head trainable, the 
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,16 +37,22 @@ class Layout:
     d: int
 
     @classmethod
-    def of(cls, named: list[tuple[str, torch.Size]]) -> Layout:
+    def of(cls, named: list[tuple[str, tuple[int, ...]]]) -> Layout:
         offsets, total = [], 0
         for _, shape in named:
             offsets.append(total)
-            total += int(torch.Size(shape).numel())
+            total += math.prod(shape)
         return cls(tuple(n for n, _ in named), tuple(tuple(s) for _, s in named), tuple(offsets), total)
 
     @property
+    def sha256(self) -> str:
+        """The layout's fingerprint, written into every artifact over θ: sha256 of its names and shapes as JSON."""
+        rows = [[n, list(s)] for n, s in zip(self.names, self.shapes)]
+        return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+
+    @property
     def numels(self) -> list[int]:
-        return [int(torch.Size(s).numel()) for s in self.shapes]
+        return [math.prod(s) for s in self.shapes]
 
     def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-tensor views of a flat vector, shaped like the parameters."""
@@ -60,7 +69,26 @@ class Layout:
 
     @classmethod
     def from_json(cls, rows: list) -> Layout:
-        return cls.of([(n, torch.Size(s)) for n, s, _ in rows])
+        """The layout :meth:`to_json` wrote; a one-line ValueError (without the file: the caller names it) for
+        rows that are not ``[name, shape, offset]`` with distinct names and consecutive offsets."""
+        if not isinstance(rows, list):
+            raise ValueError(f"is {type(rows).__name__}, not a list of [name, shape, offset] rows")
+        for i, row in enumerate(rows):
+            if not (isinstance(row, list) and len(row) == 3 and isinstance(row[0], str) and isinstance(row[1], list)
+                    and all(type(n) is int and n >= 0 for n in row[1]) and type(row[2]) is int):
+                raise ValueError(f"row {i} is {str(row)[:60]}, not [name, shape, offset]")
+        layout = cls.of([(n, tuple(s)) for n, s, _ in rows])
+        if len(set(layout.names)) != len(rows):
+            raise ValueError("names a tensor twice")
+        if [o for _, _, o in rows] != list(layout.offsets):
+            raise ValueError("has offsets that do not follow from its shapes")
+        return layout
+
+
+def covered_layout(model: nn.Module, space: SearchSpace, head_names: list[str]) -> Layout:
+    """The layout of the parameters of ``model`` (its search space attached) that ``space`` covers."""
+    named = dict(model.named_parameters())
+    return Layout.of([(n, named[n].shape) for n in space.covered(list(named), head_names)])
 
 
 class LiftedBackbone(nn.Module):
@@ -72,12 +100,12 @@ class LiftedBackbone(nn.Module):
         space.attach(backbone.model)
         self.model = backbone.model.to(device)
         named = dict(self.model.named_parameters())
-        covered = space.covered(list(named), backbone.head_names)
+        self.layout = covered_layout(self.model, space, backbone.head_names)
+        covered = self.layout.names
         dtypes = {named[n].dtype for n in covered}
         if len(dtypes) != 1:
             raise ValueError(f"search_space: covered parameters mix dtypes {sorted(map(str, dtypes))}; "
                              "cast the backbone first")
-        self.layout = Layout.of([(n, named[n].shape) for n in covered])
         self.register_buffer("theta_bar", torch.cat([named[n].detach().reshape(-1) for n in covered]))
         for n, view in self.layout.split(self.theta_bar).items():
             named[n].data = view  # share storage with θ̄: no second copy of the backbone

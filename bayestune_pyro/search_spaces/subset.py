@@ -40,6 +40,10 @@ class SubsetOptions(Options):
     include: list[str] = option(["*"], "search space: glob patterns of covered parameter names", nargs="+")
     exclude: list[str] = option([], "search space: glob patterns to leave out (the head is always out)", nargs="*")
 
+    def check(self):
+        if not self.include or not all(self.include):
+            raise ValueError(f"include: needs at least one pattern, and no empty one, got {self.include!r}")
+
 
 register(Space("subset", "existing parameter tensors chosen by include/exclude globs", SubsetOptions,
                lambda o: Subset(tuple(o.include), tuple(o.exclude))))

@@ -112,4 +112,5 @@ def select(posterior: StreamingPosterior, p: float | None = None, threshold: flo
     layout = posterior.layout
     mask = top_p(scores, p, layout) if p is not None else above_threshold(scores, threshold, layout)
     mask.info.update(info, lambda_cut=float(mean[mask.index].min()) if mask.k else None)
+    mask.backbone = posterior.meta.get("backbone")
     return mask
