@@ -32,6 +32,8 @@ import yaml
 from .data.tasks import HUB_ID_TASKS, TASKS
 from .registry import ENGINES, METHODS, SEARCH_SPACES
 
+ENSEMBLES = ("sgld", "deep")  # the kinds of finetune/ensemble.py
+
 
 def option(default, help: str, **meta):
     """A configuration field with its help text (``--help``) and argparse hints (``nargs``, ``choices``)."""
@@ -234,6 +236,22 @@ class RunConfig:
     weight_decay: float = option(0.0, "stage-2 decoupled weight decay (masked coordinates and head only)")
     eval_every: int = option(50, "with --validation-fraction: validate every this many stage-2 steps (and at the "
                              "end)")
+    # posterior ensemble of sparse deltas over the stage-2 mask (finetune/ensemble.py)
+    ensemble: list[str] = option([], "after stage 2, ensembles of S deltas over its mask: sgld (the Bayesian stage "
+                                 "2: SGLD draws of δ and the head) and/or deep (S − 1 refits); metrics.json reports "
+                                 "each one's mean predictive next to the point estimate", nargs="+",
+                                 choices=ENSEMBLES)
+    ensemble_size: int = option(8, "ensemble members S (S·k numbers in ensemble.safetensors)")
+    ensemble_burnin: int = option(100, "sgld ensemble: steps before the first member (the preconditioner adapts)")
+    ensemble_thin: int = option(25, "sgld ensemble: steps between members")
+    ensemble_lr: float = option(1e-4, "sgld ensemble: step size (η = 2·lr/N̂)")
+    ensemble_gamma: float = option(1.0, "sgld ensemble: noise discount γ (temperature γ²)")
+    ensemble_n_hat: float | None = option(None, "sgld ensemble: effective data size N̂ (default: the training set "
+                                          "size |D|)")
+    ensemble_prior_sd: float | None = option(None, "sgld ensemble: prior scale σ of δ ~ N(0, σ²) (default: the RMS "
+                                             "of the point estimate's δ)")
+    ensemble_head_prior_sd: float | None = option(None, "sgld ensemble: prior scale of the head (default: the RMS of "
+                                                  "the point estimate's head)")
     # the parts' own options (None: their defaults)
     method_options: Options | None = field(default=None, repr=False)
     engine_options: Options | None = field(default=None, repr=False)
@@ -261,6 +279,7 @@ class RunConfig:
             raise ValueError(f"validation_fraction: must be in [0, 0.5], got {self.validation_fraction!r}")
         if not 0 <= self.weight_decay < math.inf:
             raise ValueError(f"weight_decay: must be a number >= 0, got {self.weight_decay!r}")
+        self._check_ensemble()
         if self.p is None and self.threshold is None:
             raise ValueError("p: unset, and no threshold either; give one of them")
         if self.p is not None and not 0 < self.p <= 1:
@@ -284,6 +303,27 @@ class RunConfig:
         grid = self.gridded()
         if grid and not self.validation_fraction > 0:
             raise ValueError(f"{grid[0]}: a grid is chosen on the validation split; set --validation-fraction > 0")
+
+    def _check_ensemble(self) -> None:
+        if not self.ensemble:
+            return
+        for kind in self.ensemble:
+            if kind not in ENSEMBLES:
+                raise ValueError(f"ensemble: unknown value {kind!r}; choose one or more of: {', '.join(ENSEMBLES)}")
+        if len(set(self.ensemble)) < len(self.ensemble):
+            raise ValueError(f"ensemble: {self.ensemble!r} names a kind twice")
+        if not METHODS.get(self.method).masked:
+            raise ValueError(f"ensemble: method {self.method!r} trains without a fixed mask; an ensemble of sparse "
+                             "deltas needs a masked method")
+        if self.ensemble_size < 2:
+            raise ValueError(f"ensemble_size: must be an integer >= 2, got {self.ensemble_size!r}")
+        check_at_least_one(self, "ensemble_thin")
+        if self.ensemble_burnin < 0:
+            raise ValueError(f"ensemble_burnin: must be an integer >= 0, got {self.ensemble_burnin!r}")
+        check_positive(self, "ensemble_lr", "ensemble_gamma")
+        for name in ("ensemble_n_hat", "ensemble_prior_sd", "ensemble_head_prior_sd"):
+            if getattr(self, name) is not None:
+                check_positive(self, name)
 
     # --- the parts
 

@@ -3,6 +3,7 @@
 - :class:`BayesTuneSGLD`: stage 1, the ``sgld`` engine's update of (θ, λ) on the given parameters, and the
   Rao-Blackwellised λ̂ that cuts the mask (:meth:`BayesTuneSGLD.mask`).
 - :class:`MaskedAdamW`: stage 2, AdamW on the masked coordinates only, every other coordinate bitwise at its start.
+- :class:`GaussianSGLD`: the Bayesian stage 2 (``finetune.ensemble``), the same SGLD kernel under a Gaussian prior.
 
 The math is the package's: the prior gradient of ``models.gamma_laplace``, the kernel of ``inference.sgld``, E[λ | θ]
 of ``models.lambda_conditional`` and the top-p cut of ``selection.masks``; here they run per parameter tensor.
@@ -258,4 +259,54 @@ class MaskedAdamW(torch.optim.Optimizer):
                      beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
             for q in masked:
                 q.view(-1).index_copy_(0, self.index[q], self.state[q]["start"] + self.state[q]["delta"])
+        return loss
+
+
+class GaussianSGLD(torch.optim.Optimizer):
+    """SGLD (the kernel of ``inference.sgld``) on parameters under independent priors N(0, σ²), σ = ``prior_sd`` per
+    param group: after ``loss.backward()`` of the mean per-example NLL, :meth:`step` adds p/(σ²·N̂) to each ``.grad``
+    (making it ĝ = ∇(U/N̂)) and takes one Langevin step at temperature γ².
+
+    With the rmsprop preconditioner, G adapts until :meth:`freeze` (call it when burn-in ends: the kernel is then
+    exact SGLD with a constant G), and G ≤ 1/ε with ε = lr/(σ²·N̂) of the tightest group, which keeps the prior's
+    own step lr·G/(σ²·N̂) ≤ 1, i.e. stable. Parameters without a ``.grad`` are skipped in that step.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-4, *, n_hat: float, prior_sd: float = 1.0,
+                 gamma: float = 1.0, preconditioner: str = "rmsprop", seed: int = 0):
+        check_positive(SimpleNamespace(lr=lr, n_hat=n_hat, prior_sd=prior_sd), "lr", "n_hat", "prior_sd")
+        super().__init__(params, {"lr": lr, "prior_sd": prior_sd})
+        self.params = [p for g in self.param_groups for p in g["params"]]
+        tightest = min(g["lr"] / (g["prior_sd"] ** 2 * n_hat) for g in self.param_groups)
+        config = SGLDConfig(n_hat=n_hat, gamma=gamma, preconditioner=preconditioner, eps=tightest)
+        device = self.params[0].device
+        self.kernel = SGLD(config, {str(i): p for i, p in enumerate(self.params)},
+                           torch.Generator(device=device).manual_seed(seed))
+
+    def add_param_group(self, param_group: dict) -> None:
+        if hasattr(self, "kernel"):
+            raise ValueError("param_groups: GaussianSGLD takes all its parameters at construction")
+        super().add_param_group(param_group)
+        check_positive(SimpleNamespace(**param_group), "lr", "prior_sd")
+
+    def freeze(self) -> None:
+        """Stop adapting the preconditioner (the end of burn-in)."""
+        self.kernel.freeze()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One Langevin step from the gradients of the last backward pass (which it overwrites with ĝ)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        n_hat, grads, lrs, sites = self.kernel.config.n_hat, {}, {}, {}
+        i = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    grads[str(i)] = p.grad.add_(p, alpha=1.0 / (group["prior_sd"] ** 2 * n_hat))
+                    lrs[str(i)], sites[str(i)] = group["lr"], p
+                i += 1
+        self.kernel.step(sites, grads, lrs)
         return loss

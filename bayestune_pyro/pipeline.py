@@ -8,8 +8,11 @@ Run directory::
     posterior.safetensors  streaming posterior (+ posterior.json)
     mask.safetensors       stage-2 mask (+ mask.json)
     delta.safetensors      sparse delta + head: the fine-tuned model, given the pretrained backbone
+    ensemble-<kind>.safetensors  with --ensemble: the S members' deltas and heads over the mask (finetune/ensemble.py)
     metrics.json           task metric on the test split (``test``: all metrics; for classification also nll, brier,
-                           ece, and ``reliability``: the ECE's 15-bin table), n_updated, n_total, p, seconds per stage
+                           ece, and ``reliability``: the ECE's 15-bin table), n_updated, n_total, p, seconds per stage;
+                           ``temperature``: the point estimate temperature-scaled on validation; ``ensembles``: per
+                           kind, the ensemble's mean predictive, scored the same way
 
 Each function reads what earlier stages wrote, so stages can be run (and re-run) one at a time.
 Peer methods (``config.method``, one module each in ``methods/``) go through the same functions: their mask replaces the
@@ -26,8 +29,11 @@ from pathlib import Path
 
 import torch
 
-from .config import RunConfig
-from .finetune.evaluate import evaluate_calibrated
+from .config import ENSEMBLES, RunConfig
+from .data.calibration import fit_temperature
+from .finetune.delta import SparseDelta
+from .finetune.ensemble import deep_members, predictive, sgld_members
+from .finetune.evaluate import predict, score
 from .finetune.stage2 import fit
 from .inference.driver import CHECKPOINT, checkpoint_chain, run_chain
 from .inference.posterior import StreamingPosterior
@@ -37,6 +43,10 @@ from .registry import ENGINES, METHODS
 from .run_setup import setup
 from .selection.masks import Mask
 from .selection.uncertainty import select
+
+
+def ensemble_file(kind: str) -> str:
+    return f"ensemble-{kind}.safetensors"
 
 
 def stage1(config: RunConfig, run_dir: str | os.PathLike, progress: bool = True) -> StreamingPosterior:
@@ -134,18 +144,21 @@ def stage2(config: RunConfig, run_dir: str | os.PathLike, progress: bool = True)
         mask.index = mask.index.to(s.lifted.theta_bar.device)
     write_config(config, run_dir)  # once the run's files fit it: a refused stage 2 leaves the run as it was
     tuner = method.tuner(s, config.options, mask)
+    device, spec = s.lifted.theta_bar.device, s.task.spec
     try:
         start = time.perf_counter()
         selection = fit(tuner, s.train_batches(), tuner.config, s.validator(), progress)
         seconds = time.perf_counter() - start
-        scores, reliability = evaluate_calibrated(tuner.forward, s.test_loader(), s.task.spec,
-                                                  s.lifted.theta_bar.device)
+        outputs, labels = predict(tuner.forward, s.test_loader(), device)
+        scores, reliability = score(outputs, labels, spec)
         n_changed = tuner.n_changed()
-        sparse = tuner.sparse_delta(config.backbone, s.task.spec.num_labels, config.seed, config.pretrained,
-                                    config.to_dict()["search_space"])
+        identity = (config.backbone, spec.num_labels, config.seed, config.pretrained, config.to_dict()["search_space"])
+        sparse = tuner.sparse_delta(*identity)
+        temperature = _temperature(s, tuner, outputs, labels)
+        ensembles = {kind: _ensemble(s, kind, tuner, identity, progress) for kind in config.ensemble}
     finally:
         tuner.release()  # the module's parameters are θ̄ again, whatever happened
-    metric = s.task.spec.metric
+    metric = spec.metric
     metrics = {
         "task": config.task, "method": config.method, "metric": metric, f"test_{metric}": scores[metric],
         "test": scores, "n_test": len(s.task.test), "n_train": len(s.task.train),
@@ -156,6 +169,13 @@ def stage2(config: RunConfig, run_dir: str | os.PathLike, progress: bool = True)
     }
     if reliability is not None:
         metrics["reliability"] = reliability
+    if temperature is not None:
+        metrics["temperature"] = temperature
+    if ensembles:
+        metrics["ensembles"] = {}
+        for kind, (members, report) in ensembles.items():
+            members.save(run_dir / ensemble_file(kind))
+            metrics["ensembles"][kind] = {**report, "bytes": (run_dir / ensemble_file(kind)).stat().st_size}
     if "best_step" in selection:
         metrics.update(validation_best_step=selection["best_step"], validation_score=selection["best_score"])
     if n_changed is not None:
@@ -170,7 +190,50 @@ def stage2(config: RunConfig, run_dir: str | os.PathLike, progress: bool = True)
     return metrics
 
 
-GRID_OUTPUTS = ("posterior.safetensors", "posterior.json", "mask.safetensors", "mask.json", "delta.safetensors")
+def _temperature(s, tuner, outputs: torch.Tensor, labels: torch.Tensor) -> dict | None:
+    """Temperature scaling of the point estimate, T fitted on the validation split: T and the test split's ``nll``,
+    ``brier`` and ``ece`` at T (None for regression or without a validation split)."""
+    if s.task.spec.is_regression or not s.task.validation:
+        return None
+    t = fit_temperature(*predict(tuner.forward, s.validation_loader(), s.lifted.theta_bar.device))
+    scaled, _ = score(outputs / t, labels, s.task.spec)
+    return {"T": t, **{k: scaled[k] for k in ("nll", "brier", "ece")}}
+
+
+def _ensemble(s, kind: str, tuner, identity: tuple, progress: bool) -> tuple[SparseDelta, dict]:
+    """The run's ensemble of ``kind`` (``finetune.ensemble``) from the point estimate the tuner holds: its members as
+    one sparse delta, and what metrics.json reports of it (the test split's scores of its mean predictive, the
+    validation metric, the reliability table, the prior it sampled under, seconds). The tuner is left at the point
+    estimate."""
+    config, device, spec = s.ensemble_config(kind), s.lifted.theta_bar.device, s.task.spec
+    start, info = time.perf_counter(), {}
+    if config.kind == "sgld":
+        states, info = sgld_members(tuner, s.train_batches(s.config.seed + 1), config, len(s.task.train),
+                                    s.config.seed, progress)
+    else:
+        states = deep_members(tuner, s.train_batches, tuner.config, s.validator(), config.size, s.config.seed,
+                              s.task.target_mean, progress)
+    seconds = time.perf_counter() - start
+    point = tuner.state()
+    scores, reliability = score(*predictive(tuner, states, s.test_loader(), spec, device), spec,
+                                probabilities=not spec.is_regression)
+    report = {"size": config.size, "test": scores, **info, "seconds": seconds}
+    if reliability is not None:
+        report["reliability"] = reliability
+    if s.task.validation:
+        validation, _ = score(*predictive(tuner, states, s.validation_loader(), spec, device), spec,
+                              probabilities=not spec.is_regression)
+        report.update(validation=validation, validation_score=validation[spec.metric])
+    members = []
+    for state in states:
+        tuner.load_state(state)
+        members.append(tuner.sparse_delta(*identity))
+    tuner.load_state(point)
+    return SparseDelta.stack(members), report
+
+
+GRID_OUTPUTS = ("posterior.safetensors", "posterior.json", "mask.safetensors", "mask.json", "delta.safetensors",
+                *map(ensemble_file, ENSEMBLES))
 
 
 def run_grid(config: RunConfig, run_dir: Path, progress: bool = True) -> dict:

@@ -9,6 +9,7 @@ import torch
 from .config import RunConfig
 from .data import TaskData, infinite_batches, load_task, make_loader
 from .data.images import ImageExample
+from .finetune.ensemble import EnsembleConfig
 from .finetune.evaluate import evaluate
 from .finetune.stage2 import Stage2Config
 from .models.backbones import load_backbone
@@ -40,6 +41,11 @@ class Setup:
         return Stage2Config(c.stage2_steps, c.stage2_lr, c.stage2_head_lr or c.head_lr, c.weight_decay,
                             eval_every=c.eval_every)
 
+    def ensemble_config(self, kind: str) -> EnsembleConfig:
+        c = self.config
+        return EnsembleConfig(kind, c.ensemble_size, c.ensemble_burnin, c.ensemble_thin, c.ensemble_lr,
+                              c.ensemble_gamma, c.ensemble_n_hat, c.ensemble_prior_sd, c.ensemble_head_prior_sd)
+
     def train_batches(self, seed: int | None = None):
         """Shuffled training batches, epoch after epoch (order seeded by ``seed``, default the run's seed)."""
         backbone = self.lifted.backbone
@@ -52,6 +58,9 @@ class Setup:
     def test_loader(self):
         return self._eval_loader(self.task.test)
 
+    def validation_loader(self):
+        return self._eval_loader(self.task.validation)
+
     def _eval_loader(self, examples):
         backbone = self.lifted.backbone
         return make_loader(examples, backbone.tokenizer, batch_size=self.config.eval_batch_size,
@@ -62,7 +71,7 @@ class Setup:
         """forward → the task metric on the validation split (None without one), for stage-2 model selection."""
         if not self.task.validation:
             return None
-        loader, spec, device = self._eval_loader(self.task.validation), self.task.spec, self.lifted.theta_bar.device
+        loader, spec, device = self.validation_loader(), self.task.spec, self.lifted.theta_bar.device
         return lambda forward: evaluate(forward, loader, spec, device)[spec.metric]
 
     def nll(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -270,3 +270,26 @@ def test_a_per_method_grid_is_chosen_on_validation_and_recorded(tmp_path, capsys
     capsys.readouterr()
     assert main([*args[:-len(TINY)], "--per-method", "bayestune.n_hat=1e7", *TINY]) == 2
     assert "bayestune cells with method.n_hat=[1000000.0, 1000000000.0]" in capsys.readouterr().err
+
+
+def test_predictive_table_sets_point_temperature_and_ensembles_side_by_side(tmp_path):
+    """Cells with temperature scaling and ensembles get a row per predictive; cells without them (and regression
+    tasks) add no rows."""
+    def rec(seed, ensembles=True):
+        record = {**_record("random", "rte", seed, 0.60 + seed / 100),
+                  "test": {"accuracy": 0.60 + seed / 100, "ece": 0.20, "nll": 0.70, "brier": 0.5},
+                  "temperature": {"T": 1.5, "ece": 0.05 + seed / 100, "nll": 0.65, "brier": 0.45}}
+        if ensembles:
+            record["ensembles"] = {"sgld": {"size": 4, "test": {"accuracy": 0.62, "ece": 0.10, "nll": 0.66}},
+                                   "deep": {"size": 4, "test": {"accuracy": 0.64, "ece": 0.08, "nll": 0.60}}}
+        return record
+
+    records = [rec(0), rec(1), rec(2, ensembles=False), _record("bitfit", "rte", 0, 0.5)]
+    section = render(records, tmp_path / "r.md").split("### Predictive uncertainty")[1]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    assert lines[0] == "| method | predictive | rte acc. | rte ECE | rte NLL |"
+    assert lines[1:] == ["| random | point | 61.00 ± 1.00 | 0.200 ± 0.000 | 0.700 ± 0.000 |",
+                         "| random | temperature-scaled | 61.00 ± 1.00 | 0.060 ± 0.010 | 0.650 ± 0.000 |",
+                         "| random | sgld ensemble | 62.00 ± 0.00 (n=2) | 0.100 ± 0.000 (n=2) | 0.660 ± 0.000 (n=2) |",
+                         "| random | deep ensemble | 64.00 ± 0.00 (n=2) | 0.080 ± 0.000 (n=2) | 0.600 ± 0.000 (n=2) |"]
+    assert "Predictive uncertainty" not in render([_record("bitfit", "rte", 0, 0.5)], tmp_path / "b.md")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from bayestune_pyro.data import TaskSpec
-from bayestune_pyro.data.calibration import calibration, ece
-from bayestune_pyro.finetune.evaluate import evaluate, evaluate_calibrated
+from bayestune_pyro.data.calibration import calibration, ece, fit_temperature
+from bayestune_pyro.finetune.evaluate import evaluate, predict, score
 
 THREE = TaskSpec("three", 3, "accuracy", ("a", "b", "c"))
 REGRESSION = TaskSpec("stsb", 1, "pearson_spearman", ())
@@ -75,12 +75,32 @@ def test_test_scoring_adds_calibration_for_classification_only_and_validation_sc
     gen = torch.Generator().manual_seed(1)
     logits, labels = torch.randn(6, 3, generator=gen), torch.tensor([0, 1, 2, 2, 1, 0])
     loader = loader_of(logits, labels)
-    scores, table = evaluate_calibrated(lambda b: b["x"], loader, THREE, "cpu")
+    scores, table = score(*predict(lambda b: b["x"], loader, "cpu"), THREE)
     assert set(scores) == {"accuracy", "f1", "mcc", "nll", "brier", "ece"}
     assert scores["nll"] == pytest.approx(torch.nn.functional.cross_entropy(logits.double(), labels).item())
     assert sum(table["count"]) == 6
     assert set(evaluate(lambda b: b["x"], loader, THREE, "cpu")) == {"accuracy", "f1", "mcc"}
     targets = torch.linspace(0, 5, 6)
-    scores, table = evaluate_calibrated(lambda b: b["x"], loader_of(targets[:, None] + 0.1, targets), REGRESSION,
-                                        "cpu")
+    scores, table = score(*predict(lambda b: b["x"], loader_of(targets[:, None] + 0.1, targets), "cpu"), REGRESSION)
     assert set(scores) == {"pearson", "spearman", "pearson_spearman", "mse"} and table is None
+
+
+def test_probabilities_score_as_their_logits():
+    """An ensemble's mean probabilities score exactly as logits whose softmax they are (log p is such a logit)."""
+    gen = torch.Generator().manual_seed(2)
+    logits, labels = torch.randn(40, 3, generator=gen, dtype=torch.float64), torch.randint(0, 3, (40,), generator=gen)
+    from_logits, table = score(logits, labels, THREE)
+    from_probs, table_p = score(logits.softmax(-1), labels, THREE, probabilities=True)
+    assert from_probs == pytest.approx(from_logits, rel=1e-12) and table_p == table
+
+
+def test_temperature_recovers_the_temperature_that_made_the_labels():
+    """Labels drawn from softmax(z / 2.5) of logits z: the NLL-optimal temperature on them is ~2.5, and at it the NLL
+    is no larger than at T = 1 or at nearby temperatures."""
+    gen = torch.Generator().manual_seed(3)
+    logits = 4 * torch.randn(20_000, 4, generator=gen, dtype=torch.float64)
+    labels = torch.multinomial((logits / 2.5).softmax(-1), 1, generator=gen).squeeze(1)
+    t = fit_temperature(logits, labels)
+    assert t == pytest.approx(2.5, rel=0.05)
+    nll = lambda temp: torch.nn.functional.cross_entropy(logits / temp, labels).item()  # noqa: E731
+    assert nll(t) <= min(nll(1.0), nll(t * 1.05), nll(t / 1.05))

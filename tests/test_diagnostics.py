@@ -25,7 +25,6 @@ LAYOUT = Layout.of([("bert.embeddings.word_embeddings.weight", (20, 8)),
                     ("bert.encoder.layer.0.output.LayerNorm.weight", (8,)),
                     ("bert.encoder.layer.1.intermediate.dense.weight", (16, 8))])
 CONFIG = RunConfig.from_dict(dict(backbone="tiny-bert", p=0.05, lr=3e-4, gamma=0.5))
-NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "posterior_diagnostics.ipynb"
 # ArviZ 0.23's plots call a matplotlib helper that matplotlib 3.11 deprecates
 pytestmark = pytest.mark.filterwarnings("ignore:Passing a dict or None as alias_mapping:DeprecationWarning")
 
@@ -158,11 +157,19 @@ def test_the_report_draws_the_reliability_diagram_of_a_classification_run(mixed,
              "confidence": [None] * 10 + [0.7, None, None, 0.9, None]}
     metrics = {"task": "bbc-news", "metric": "accuracy", "test_accuracy": 0.75, "n_test": 4, "n_updated": 1,
                "n_total": LAYOUT.d, "test": {"accuracy": 0.75, "nll": 0.4, "brier": 0.3, "ece": 0.15}}
-    (run / "metrics.json").write_text(json.dumps({**metrics, "reliability": table}))
+    ensembles = {"sgld": {"size": 4, "test": {"accuracy": 1.0, "ece": 0.2}, "reliability": table}}
+    (run / "metrics.json").write_text(json.dumps({**metrics, "reliability": table, "ensembles": ensembles}))
     assert main(["diagnose", str(run)]) == 0
     page = (run / REPORT_FILE).read_text()
-    assert "alt='Reliability diagram, test split (15 bins): ECE = 0.1500'" in page
-    assert "test.brier" in page and "reliability.count" not in page  # the table is drawn, not listed
+    assert "alt='Reliability diagram, point estimate, test split (15 bins): ECE = 0.1500'" in page
+    assert "alt='Reliability diagram, sgld ensemble of 4, test split (15 bins): ECE = 0.2000'" in page
+    assert "test.brier" in page and "ensembles.sgld.test.ece" in page
+    assert "reliability.count" not in page  # the tables are drawn, not listed
+    ensembles["sgld"]["reliability"] = {**table, "count": [1] * 14}
+    (run / "metrics.json").write_text(json.dumps({**metrics, "reliability": table, "ensembles": ensembles}))
+    assert main(["diagnose", str(run)]) == 2  # a damaged ensemble table is a one-line error
+    err = capsys.readouterr().err
+    assert err.startswith("bayestune: error: metrics:") and "has count=" in err and err.count("\n") == 1
     (run / "metrics.json").write_text(json.dumps({**metrics, "metric": "pearson_spearman",
                                                   "test_pearson_spearman": 0.5, "test": {"pearson_spearman": 0.5}}))
     assert main(["diagnose", str(run)]) == 0  # a regression run (or one from before calibration): no diagram
@@ -191,13 +198,3 @@ def test_bad_input_gives_one_line(mixed, tmp_path, capsys, args, message):
     assert main([a.format(tmp=tmp_path, run=run) for a in args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(message) and "\n" not in err
-
-
-def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel's torch: one thread is fastest on a tiny model
-    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
-    assert (tmp_path / "runs" / "notebook" / REPORT_FILE).exists()

@@ -42,7 +42,7 @@ BENCH_DEFAULTS = {"train_size": 1000, "validation_fraction": 0.1, "steps": 120, 
 GRID = ("task", "data_dir", "method", "seed", "data_seed", "p", "threshold")  # set per cell, not protocol
 # what an option added later meant in a bench.yaml written before it: the behaviour of the code at the time
 LEGACY = {"precond_eps": 1e-8, "freeze_preconditioner": False, "gibbs": False, "lambda_estimator": "draws"}
-HEAVY = ("posterior.safetensors", "delta.safetensors", "stage1.ckpt", "trace.nc")
+HEAVY = ("posterior.safetensors", "delta.safetensors", "stage1.ckpt", "trace.nc", "ensemble-*.safetensors")
 LOCK = "bench.lock"
 
 
@@ -264,9 +264,12 @@ def _run_cell(cell: Cell, config: RunConfig, out: Path) -> dict:
                       test=metrics["test"], validation_score=metrics.get("validation_score"),
                       n_updated=metrics["n_updated"], budget=metrics["budget"], n_total=metrics["n_total"],
                       seconds=time.perf_counter() - start, peak_mb=mem.growth / 2**20)
-        for key in ("n_changed", "chosen", "grid"):  # grid: every point's validation score, and the winner
+        for key in ("n_changed", "chosen", "grid", "temperature"):  # grid: each point's validation score, the winner
             if key in metrics:
                 record[key] = metrics[key]
+        if "ensembles" in metrics:  # their scores, without the reliability tables
+            record["ensembles"] = {kind: {k: v for k, v in e.items() if k != "reliability"}
+                                   for kind, e in metrics["ensembles"].items()}
     for name in HEAVY:  # also in the points of a grid (RUN/grid/*/)
         for path in directory.rglob(name):
             path.unlink()

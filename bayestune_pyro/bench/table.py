@@ -58,6 +58,7 @@ def summarise(records: list[dict], tasks_order: list[str] | None = None, referen
     summary = {}
     for p in sorted({r["p"] for r in ok}):
         scores, info, calibration = defaultdict(dict), defaultdict(lambda: defaultdict(list)), defaultdict(dict)
+        predictive = defaultdict(dict)
         for r in ok:
             if r["p"] == p:
                 scores[(r["method"], r["task"])][r["seed"]] = 100 * r["score"]
@@ -66,6 +67,9 @@ def summarise(records: list[dict], tasks_order: list[str] | None = None, referen
                         calibration[(r["method"], r["task"], key)][r["seed"]] = r["test"][key]
                 for key in ("n_updated", "seconds", "peak_mb"):
                     info[r["method"]][key].append(r[key])
+                for variant, values in _predictives(r).items():
+                    for key, value in values.items():
+                        predictive[(r["method"], r["task"], variant, key)][r["seed"]] = value
         methods = [m for m in METHODS.names() if any((m, t) in scores for t in tasks)]
         averages = {m: statistics.fmean(statistics.fmean(scores[(m, t)].values()) for t in tasks)
                     for m in methods if all((m, t) in scores for t in tasks)}
@@ -75,8 +79,24 @@ def summarise(records: list[dict], tasks_order: list[str] | None = None, referen
         summary[p] = {"tasks": tasks, "methods": methods, "scores": dict(scores), "average": averages,
                       "rank": {m: ranked.index(m) + 1 for m in ranked}, "info": info,
                       "paired": {m: columns for m, columns in paired.items() if columns},
-                      "calibration": dict(calibration)}
+                      "calibration": dict(calibration), "predictive": dict(predictive)}
     return summary
+
+
+def _predictives(record: dict) -> dict[str, dict[str, float]]:
+    """A classification cell's predictive variants that can be compared: the point estimate, its temperature-scaled
+    copy and each ensemble, with the metric (×100), ECE and NLL; none for a cell without temperature or ensembles."""
+    if "temperature" not in record and "ensembles" not in record or "ece" not in record.get("test", {}):
+        return {}
+    metric = record["metric"]
+    point = {"metric": 100 * record["test"][metric], **{k: record["test"][k] for k in CALIBRATION}}
+    out = {"point": point}
+    if "temperature" in record:  # the same predictions (argmax), rescaled confidences
+        out["temperature-scaled"] = {"metric": point["metric"], **{k: record["temperature"][k] for k in CALIBRATION}}
+    for kind, ensemble in record.get("ensembles", {}).items():
+        out[f"{kind} ensemble"] = {"metric": 100 * ensemble["test"][metric],
+                                   **{k: ensemble["test"][k] for k in CALIBRATION}}
+    return out
 
 
 def _header(first: str, tasks: list[str], metrics: dict[str, str], extra: list[str]) -> list[str]:
@@ -165,6 +185,30 @@ def _calibration_table(s: dict, metrics: dict[str, str]) -> list[str]:
     return [*lines, ""]
 
 
+def _predictive_table(s: dict, metrics: dict[str, str]) -> list[str]:
+    """Per method with such cells: the point estimate, temperature scaling and the ensembles side by side."""
+    if not s["predictive"]:
+        return []
+    tasks = [t for t in s["tasks"] if any(key[1] == t for key in s["predictive"])]
+    seeds = _seeds(s)
+    names = ["method", "predictive", *(f"{t} {label}" for t in tasks
+                                       for label in (METRIC_NAMES.get(metrics[t], metrics[t]), *CALIBRATION.values()))]
+    lines = ["### Predictive uncertainty", "",
+             "The point estimate; the same network with its temperature fitted on the validation split; and the "
+             "mean predictive of each ensemble of S sparse deltas over the method's mask (sgld: SGLD draws of δ and "
+             "the head at N̂ = |D|; deep: the point estimate and S − 1 refits; both store S·k numbers). Test metric "
+             "×100 (higher = better), ECE and NLL (lower = better), mean ± std over seeds.",
+             "", "| " + " | ".join(names) + " |", "|---" * len(names) + "|"]
+    variants = list(dict.fromkeys(key[2] for key in s["predictive"]))
+    for m in s["methods"]:
+        for variant in variants:
+            cells = [_spread(list(s["predictive"].get((m, t, variant, key), {}).values()), seeds,
+                             digits=2 if key == "metric" else 3) for t in tasks for key in ("metric", *CALIBRATION)]
+            if any(c != "–" for c in cells):
+                lines.append(f"| {m} | {variant} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def _failed(records: list[dict]) -> list[str]:
     """The cells that failed or scored NaN, one line each."""
     failed = [r for r in records if not _ok(r)]
@@ -185,7 +229,7 @@ def render(records: list[dict], path: str | os.PathLike, tasks_order: list[str] 
              "step); s/cell and peak MB are per cell (selection + stage 2 + evaluation), means over cells.", ""]
     for p, s in summarise(records, tasks_order, reference).items():
         lines += [f"## p = {p:g}", "", *_main_table(s, metrics), "", *_paired_table(s, metrics, reference),
-                  *_calibration_table(s, metrics)]
+                  *_calibration_table(s, metrics), *_predictive_table(s, metrics)]
     lines += _failed(records)
     text = "\n".join(lines)
     with atomic_path(path) as tmp:

@@ -254,14 +254,18 @@ def _metrics(path: Path) -> dict:
     reader.value(metrics, f"test_{name}", (float, None))
     for key in ("n_test", "n_updated", "n_total"):
         reader.count(metrics, key)
-    table = reader.value(metrics, "reliability", (dict, None), None)
-    if table is not None:
-        reader.value(reader.value(metrics, "test", (dict,)), "ece", (float,))
-        bins = reader.count(table, "bins")
-        for key, kinds in (("count", (int,)), ("accuracy", (float, None)), ("confidence", (float, None))):
-            reader.items(table, key, kinds, bins)
-        if bins < 1:
-            raise reader.error("has a reliability table of 0 bins")
+    ensembles = reader.value(metrics, "ensembles", (dict,), {})
+    for scored in (metrics, *ensembles.values()):
+        if not isinstance(scored, dict):
+            raise reader.error(f"has an ensemble {str(scored)[:40]}, not an object")
+        table = reader.value(scored, "reliability", (dict, None), None)
+        if table is not None:
+            reader.value(reader.value(scored, "test", (dict,)), "ece", (float,))
+            bins = reader.count(table, "bins")
+            for key, kinds in (("count", (int,)), ("accuracy", (float, None)), ("confidence", (float, None))):
+                reader.items(table, key, kinds, bins)
+            if bins < 1:
+                raise reader.error("has a reliability table of 0 bins")
     return metrics
 
 
@@ -289,15 +293,21 @@ def _stage2(metrics: dict | None, mask: Mask) -> tuple[str, str | None, str]:
 
 def _stage2_section(metrics: dict) -> str:
     """Every metric, and the reliability diagram from the test split's bins (classification tasks)."""
-    table = metrics.get("reliability")
-    facts = _grid(_flat({k: v for k, v in metrics.items() if k != "reliability"}))
+    table, ensembles = metrics.get("reliability"), metrics.get("ensembles", {})
+    shown = {k: v for k, v in metrics.items() if k not in ("reliability", "ensembles")}
+    shown |= {f"ensembles.{kind}": {k: v for k, v in e.items() if k != "reliability"} for kind, e in ensembles.items()}
+    facts = _grid(_flat(shown))
     if table is None:
         return facts
-    figure = figures.reliability_diagram(table, metrics["test"]["ece"])
+    diagrams = [figures.reliability_diagram(table, metrics["test"]["ece"])]
+    diagrams += [figures.reliability_diagram(e["reliability"], e["test"]["ece"], f"{kind} ensemble of {e['size']}")
+                 for kind, e in ensembles.items() if e.get("reliability") is not None]
     return (facts + "<p class='note'>Calibration on the test split: the top-1 confidence (the largest softmax "
             "probability) against how often the top-1 prediction is right, per equal-width confidence bin. Bars "
             "below the diagonal: overconfident; above: underconfident. ECE is the count-weighted mean gap; NLL and "
-            "Brier score are above (test.nll, test.brier).</p>" + _figure(figure))
+            "Brier score are above (test.nll, test.brier; temperature.*: the point estimate with its temperature "
+            "fitted on validation; ensembles.*: each ensemble's mean predictive).</p>"
+            + "".join(_figure(f) for f in diagrams))
 
 
 def _flat(values: dict, prefix: str = "") -> dict:

@@ -8,6 +8,9 @@ again, seeded as before): θ_i = θ̄_i + δ_i on the mask, θ̄_i everywhere el
 did, so predictions are identical). ``merge`` first checks that the file fits that backbone: d and layout hash,
 tensor names, index ranges, dtypes and the head's shapes. Files of format ``/1`` (before d and the hash) are read
 with every other check.
+
+An *ensemble* of S deltas over one mask (``finetune.ensemble``) is one such file with ``members`` = S in its header,
+each ``<name>.delta`` of shape (S, n) and each head tensor with a leading S; :meth:`SparseDelta.member` takes one out.
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ class SparseDelta:
     search_space: dict | None = None  # {"name": ..., options}; None: the pretrained parameters only (subset)
     d: int | None = None  # the covered layout's d and hash (None: a file of the legacy format)
     layout_sha256: str | None = None
+    members: int = 0  # an ensemble of this many deltas over the same indices (0: a single delta)
 
     @classmethod
     def from_flat(cls, layout: Layout, index: torch.Tensor, delta: torch.Tensor, head: dict[str, torch.Tensor],
@@ -60,6 +64,29 @@ class SparseDelta:
         return cls(updates, {k: v.detach().clone() for k, v in head.items()}, backbone, num_labels, seed, pretrained,
                    search_space, layout.d, layout.sha256)
 
+    @classmethod
+    def stack(cls, deltas: list[SparseDelta]) -> SparseDelta:
+        """The ensemble of single ``deltas`` that share their indices (the members of one mask)."""
+        first = deltas[0]
+        if any(d.members or d.updates.keys() != first.updates.keys() or not all(
+                torch.equal(d.updates[n][0], first.updates[n][0]) for n in first.updates) for d in deltas):
+            raise ValueError("deltas: an ensemble stacks single deltas over the same indices")
+        updates = {n: (index, torch.stack([d.updates[n][1] for d in deltas]))
+                   for n, (index, _) in first.updates.items()}
+        head = {n: torch.stack([d.head[n] for d in deltas]) for n in first.head}
+        return cls(updates, head, first.backbone, first.num_labels, first.seed, first.pretrained, first.search_space,
+                   first.d, first.layout_sha256, members=len(deltas))
+
+    def member(self, s: int) -> SparseDelta:
+        """Delta ``s`` of an ensemble, as a single delta."""
+        if not self.members:
+            raise ValueError("member: this is a single delta, not an ensemble")
+        if not (isinstance(s, int) and 0 <= s < self.members):
+            raise ValueError(f"member: {s!r} is not one of the ensemble's members 0..{self.members - 1}")
+        return SparseDelta({n: (i, v[s]) for n, (i, v) in self.updates.items()},
+                           {n: h[s] for n, h in self.head.items()}, self.backbone, self.num_labels, self.seed,
+                           self.pretrained, self.search_space, self.d, self.layout_sha256)
+
     @property
     def n_updated(self) -> int:
         return sum(int(i.numel()) for i, _ in self.updates.values())
@@ -74,6 +101,8 @@ class SparseDelta:
         meta = {"format": FORMAT, "backbone": self.backbone, "num_labels": str(self.num_labels),
                 "seed": str(self.seed), "pretrained": str(self.pretrained).lower(), "d": str(self.d),
                 LAYOUT_HASH: str(self.layout_sha256)}
+        if self.members:
+            meta["members"] = str(self.members)
         if self.search_space is not None:
             meta["search_space"] = json.dumps(self.search_space)
         save_tensors(path, tensors, metadata=meta)
@@ -105,7 +134,9 @@ class SparseDelta:
                 raise reader.error(f"has search_space={meta['search_space'][:60]!r}, not a JSON object with a name")
         d = _integer(reader, meta, "d", 0) if current else None
         layout_hash = reader.value(meta, LAYOUT_HASH, (str,)) if current else None
-        head = {k[len("head."):]: reader.tensor(tensors, k, "float", tuple(v.shape))
+        members = _integer(reader, meta, "members", 1, default=0)
+        lead = (members,) if members else ()
+        head = {k[len("head."):]: reader.tensor(tensors, k, "float", lead + tuple(v.shape[len(lead):]))
                 for k, v in tensors.items() if k.startswith("head.")}
         names = sorted({k.rsplit(".", 1)[0] for k in tensors if not k.startswith("head.")})
         reader.only(tensors, {f"head.{k}" for k in head} | {f"{n}.{end}" for n in names for end in ("index", "delta")})
@@ -113,8 +144,8 @@ class SparseDelta:
         for name in names:
             index = reader.index(tensors, f"{name}.index", None)
             updates[name] = (tensors[f"{name}.index"],
-                             reader.tensor(tensors, f"{name}.delta", "float", (index.numel(),)))
-        sparse = cls(updates, head, backbone, num_labels, seed, pretrained == "true", space, d, layout_hash)
+                             reader.tensor(tensors, f"{name}.delta", "float", lead + (index.numel(),)))
+        sparse = cls(updates, head, backbone, num_labels, seed, pretrained == "true", space, d, layout_hash, members)
         if d is not None and sparse.n_updated > d:
             raise reader.error(f"has {sparse.n_updated} updated coordinates, more than d={d}")
         return sparse
@@ -137,7 +168,8 @@ class SparseDelta:
             if name not in self.head or name not in head_names:
                 where = "the delta" if name not in self.head else "the backbone's head"
                 raise reader.error(f"has a head that does not fit: head.{name} is missing from {where}")
-            reader.agree(f"head.{name} shape", tuple(self.head[name].shape), tuple(named[name].shape), "the backbone")
+            shape = tuple(self.head[name].shape)[1 if self.members else 0:]
+            reader.agree(f"head.{name} shape", shape, tuple(named[name].shape), "the backbone")
             reader.agree(f"head.{name} dtype", self.head[name].dtype, named[name].dtype, "the backbone")
 
     @torch.no_grad()
@@ -153,10 +185,18 @@ class SparseDelta:
 
 
 def merge(path: str | os.PathLike, device: str | torch.device = "cpu", *, backbone: str | None = None,
-          num_labels: int | None = None) -> Backbone:
-    """A fresh pretrained backbone with the delta at ``path`` merged in, once the delta is checked against it (and
-    against ``backbone`` and ``num_labels`` when given); a one-line ValueError naming the file otherwise."""
+          num_labels: int | None = None, member: int | None = None) -> Backbone:
+    """A fresh pretrained backbone with the delta at ``path`` merged in (of an ensemble: its delta ``member``), once
+    the delta is checked against it (and against ``backbone`` and ``num_labels`` when given); a one-line ValueError
+    naming the file otherwise."""
     sparse, reader = SparseDelta.load(path), Reader("delta", path)
+    if sparse.members and member is None:
+        raise reader.error(f"is an ensemble of {sparse.members} deltas; merge one: member=0..{sparse.members - 1}")
+    if member is not None:
+        try:
+            sparse = sparse.member(member)
+        except ValueError as err:
+            raise reader.error(str(err)) from None
     if backbone is not None:
         reader.agree("backbone", sparse.backbone, backbone, "the caller")
     if num_labels is not None:

@@ -31,14 +31,16 @@ def evaluate(forward: Callable[[dict], torch.Tensor], loader, spec: TaskSpec,
     return compute_metrics(spec, outputs.numpy(), labels.numpy())
 
 
-def evaluate_calibrated(forward: Callable[[dict], torch.Tensor], loader, spec: TaskSpec,
-                        device: str | torch.device) -> tuple[dict[str, float], dict | None]:
-    """The task's metrics plus, for a classification task, ``nll``, ``brier`` and ``ece`` of its softmax, and the
-    reliability table behind the ECE (``data.calibration``). A regression task gets no calibration keys and no
-    table (None): its Gaussian likelihood's σ is a fixed setting, not a prediction."""
-    outputs, labels = predict(forward, loader, device)
+def score(outputs: torch.Tensor, labels: torch.Tensor, spec: TaskSpec,
+          probabilities: bool = False) -> tuple[dict[str, float], dict | None]:
+    """The task's metrics of ``outputs`` (logits, or with ``probabilities`` class probabilities, e.g. an
+    ensemble's mean) plus, for a classification task, ``nll``, ``brier`` and ``ece`` of its predictive distribution,
+    and the reliability table behind the ECE (``data.calibration``). A regression task gets no calibration keys and
+    no table (None): its Gaussian likelihood's σ is a fixed setting, not a prediction."""
     scores = compute_metrics(spec, outputs.numpy(), labels.numpy())
     if spec.is_regression:
         return scores, None
+    if probabilities:  # log p is a logit vector whose softmax is p
+        outputs = outputs.double().clamp_min(torch.finfo(torch.float64).tiny).log()
     calibrated, table = calibration(outputs, labels)
     return {**scores, **calibrated}, table

@@ -44,8 +44,12 @@ class Tuner:
     def __init__(self, lifted: LiftedBackbone, loss_fn: Callable, config: Stage2Config):
         self.lifted, self.loss_fn, self.config = lifted, loss_fn, config
         self.device = lifted.theta_bar.device
-        self.head_opt = torch.optim.AdamW(lifted.head_parameters(), lr=config.head_lr,
-                                          weight_decay=config.weight_decay)
+        self.new_optimizers()
+
+    def new_optimizers(self) -> None:
+        """Fresh optimizers (no moments): the head's AdamW here, the backbone's in subclasses."""
+        self.head_opt = torch.optim.AdamW(self.lifted.head_parameters(), lr=self.config.head_lr,
+                                          weight_decay=self.config.weight_decay)
 
     def forward(self, batch: dict) -> torch.Tensor:
         raise NotImplementedError
@@ -141,14 +145,17 @@ class SparseFineTuner(Tuner):
                  config: Stage2Config = Stage2Config(), backward: str = "functional"):
         if backward not in BACKWARDS:
             raise ValueError(f"backward: unknown value {backward!r}; choose one of: {', '.join(BACKWARDS)}")
-        super().__init__(lifted, loss_fn, config)
-        self.index = index.to(self.device)
+        self.index = index.to(lifted.theta_bar.device)
         self.n_updated = int(self.index.numel())
-        self.delta = torch.zeros(self.n_updated, device=self.device, requires_grad=True)
-        self.opt = torch.optim.AdamW([self.delta], lr=config.lr, weight_decay=config.weight_decay)
+        self.delta = torch.zeros(self.n_updated, device=self.index.device, requires_grad=True)
+        super().__init__(lifted, loss_fn, config)
         self.backward = backward
         if backward == "hooks":
             self._bind_hooks()
+
+    def new_optimizers(self) -> None:
+        super().new_optimizers()
+        self.opt = torch.optim.AdamW([self.delta], lr=self.config.lr, weight_decay=self.config.weight_decay)
 
     def theta(self) -> torch.Tensor:
         return self.lifted.theta_bar.index_add(0, self.index, self.delta)
