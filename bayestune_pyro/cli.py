@@ -36,7 +36,11 @@ EXIT_ERROR = 2
 
 class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one-line ValueErrors naming the option, printed by :func:`main` like every
-    other error (argparse's own is a usage block and ``<prog>: error: ...``); its subcommands' parsers are too."""
+    other error (argparse's own is a usage block and ``<prog>: error: ...``); its subcommands' parsers are too.
+    An abbreviated flag is an error, not a guess (``--stage2`` is not ``--stage2-steps``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
 
     def error(self, message: str):
         raise ValueError(_usage_error(self.prog, message))

@@ -168,3 +168,9 @@ def test_export_says_when_a_run_has_no_posterior(tmp_path, capsys):
     capsys.readouterr()
     assert main(["export", str(out), "--p", "0.01"]) == 2
     assert "has no posterior" in capsys.readouterr().err
+
+
+def test_an_abbreviated_flag_is_refused_not_guessed(capsys):
+    assert main(["run", "--stage2-st", "5", "--out", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bayestune: error: ") and "--stage2-st" in err and err.count("\n") == 1
