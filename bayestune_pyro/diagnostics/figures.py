@@ -197,7 +197,7 @@ def reliability_diagram(table: dict, ece: float, what: str = "point estimate") -
     top.plot(confidence[filled], accuracy[filled], "o", color="black", ms=4, label="(mean confidence, accuracy)")
     top.plot([0, 1], [0, 1], "--", color="0.3", lw=1, label="perfect calibration")
     top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy (share of top-1 predictions correct)",
-            title=f"Reliability diagram, {what}, test split ({bins} bins): ECE = {ece:.4f}")
+            title=f"Reliability diagram, {what}\ntest split ({bins} bins): ECE = {ece:.4f}")
     top.grid(True, alpha=0.3)
     top.legend(loc="upper left", fontsize=8, frameon=False)
     bottom.bar(left, count, width=width, align="edge", color="0.55", edgecolor="white")

@@ -64,6 +64,7 @@ th,td{border:1px solid #d0d4da;padding:4px 8px;text-align:right}th{background:#e
 td:first-child,th:first-child{text-align:left}
 .facts td:first-child{color:#5b6270}
 img{max-width:100%;background:#fff;border:1px solid #d0d4da;margin:8px 0}
+.row{display:flex;flex-wrap:wrap;gap:0 1%}.row img{max-width:49%}
 .note{color:#5b6270;font-size:.9em}
 details summary{cursor:pointer;color:#1f5fa8}
 """
@@ -307,7 +308,7 @@ def _stage2_section(metrics: dict) -> str:
             "below the diagonal: overconfident; above: underconfident. ECE is the count-weighted mean gap; NLL and "
             "Brier score are above (test.nll, test.brier; temperature.*: the point estimate with its temperature "
             "fitted on validation; ensembles.*: each ensemble's mean predictive).</p>"
-            + "".join(_figure(f) for f in diagrams))
+            + "<div class='row'>" + "".join(_figure(f) for f in diagrams) + "</div>")
 
 
 def _flat(values: dict, prefix: str = "") -> dict:
@@ -345,5 +346,5 @@ def _table(frame: pd.DataFrame) -> str:
 
 def _figure(fig) -> str:
     data = base64.b64encode(figures.to_png(fig)).decode("ascii")
-    alt = html.escape(fig.get_suptitle() or fig.axes[0].get_title())
+    alt = html.escape((fig.get_suptitle() or fig.axes[0].get_title()).replace("\n", ", "))
     return f"<img alt='{alt}' src='data:image/png;base64,{data}'>"
