@@ -26,6 +26,14 @@ from .models.lifted import Layout
 from .selection.masks import top_p
 
 
+def _evaluate(closure) -> torch.Tensor | None:
+    """The loss of an optimizer's ``closure`` (which re-runs the backward pass), or None without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class BayesTuneSGLD(torch.optim.Optimizer):
     """Stage 1 on a model's parameters: λ_i ~ Gamma(α, β), θ_i ~ Laplace(θ̄_i, λ_i), θ̄ their values at construction.
 
@@ -104,10 +112,7 @@ class BayesTuneSGLD(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One transition from the gradients of the last backward pass (which it overwrites with ĝ)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         warm = self.steps < self.warmup
         if self.steps == self.warmup + self.burnin and self.kernel.config.freeze_preconditioner:
             self.kernel.freeze()
@@ -230,10 +235,7 @@ class MaskedAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One AdamW step on δ of each masked parameter (then θ = θ₀ + δ on its mask) and on each unmasked one."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for group in self.param_groups:
             tensors, grads, avgs, squares, steps, masked = [], [], [], [], [], []
             for q in group["params"]:
@@ -296,10 +298,7 @@ class GaussianSGLD(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One Langevin step from the gradients of the last backward pass (which it overwrites with ĝ)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         n_hat, grads, lrs, sites = self.kernel.config.n_hat, {}, {}, {}
         i = 0
         for group in self.param_groups:
