@@ -6,7 +6,8 @@ import nbformat
 import pytest
 
 NOTEBOOKS = Path(__file__).parents[1] / "notebooks"
-EXECUTED = {"sampler_validity.ipynb": 4}  # notebook: how many figures its committed outputs hold
+# notebook: how many figures its committed outputs hold
+EXECUTED = {"posterior_diagnostics.ipynb": 5, "sampler_validity.ipynb": 4}
 
 
 @pytest.mark.parametrize("name", sorted(EXECUTED))

@@ -29,7 +29,7 @@ from ..selection.masks import Mask
 from ..selection.uncertainty import Curve, inclusion_from_draws, inclusion_probability, select
 from . import figures
 from .convergence import Convergence, assess, by_module, chain_agreement, tensor_summary
-from .inference_data import save_trace, to_inference_data
+from .inference_data import lambda_variable, save_trace, to_inference_data
 from .modules import layer_index, module_type
 
 REPORT_FILE = "report.html"
@@ -133,7 +133,7 @@ def _page(run_dir: Path, posterior: StreamingPosterior, config: RunConfig, idata
         selection_rows["knee of the λ̂ curve"] = f"p = {knee.p:.3g}, λ̂ = {knee.threshold:.3g} (k = {knee.k:,})"
     inclusion_html = ""
     if lambda_th:
-        line, facts = _inclusion(posterior, mean, var, mask, lambda_th)
+        line, facts = _inclusion(posterior, idata, mean, var, mask, lambda_th)
         verdict.append(line)
         inclusion_html = _facts(facts)
     verdict.append(_stage2(metrics, mask))
@@ -220,12 +220,13 @@ def group_curves(layout, mean) -> tuple[dict[str, Curve], dict[str, Curve]]:
     return types, layers
 
 
-def _inclusion(posterior: StreamingPosterior, mean, var, mask: Mask, lambda_th: float) -> tuple[tuple, dict]:
-    """The verdict line and the facts about P(λ_i > λ_th) inside and outside the mask."""
+def _inclusion(posterior: StreamingPosterior, idata, mean, var, mask: Mask, lambda_th: float) -> tuple[tuple, dict]:
+    """The verdict line and the facts about P(λ_i > λ_th) inside and outside the mask; the log-normal approximation
+    is checked on the tracked draws of the quantity λ̂ averages (λ, or E[λ | θ])."""
     prob = inclusion_probability(mean, var, lambda_th)
     inside = prob[mask.index]
     outside = float(prob.sum() - inside.sum())
-    tracked = inclusion_from_draws(posterior.trace("lambda").double(), lambda_th)
+    tracked = inclusion_from_draws(torch.from_numpy(idata.posterior[lambda_variable(idata)].values), lambda_th)
     approx = prob[posterior.tracked_index].double()
     line = ("Mask boundary", None, f"median P(λ_i > λ_th) inside the mask {float(inside.median()):.2f}; about "
                                    f"{outside:,.0f} coordinates outside it exceed λ_th too "
