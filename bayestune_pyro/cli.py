@@ -182,10 +182,15 @@ def _existing_config(run_dir: Path) -> dict:
     return RunConfig.from_yaml(path, strict=False).to_dict()
 
 
-def _prepare_out(config: RunConfig, out: Path, overwrite: bool) -> None:
-    """Refuse to mix two configurations in one directory; the same configuration resumes."""
+def _prepare_out(config: RunConfig, out: Path, overwrite: bool) -> Path | None:
+    """Refuse to mix two configurations in one directory; the same configuration resumes. With ``overwrite`` an
+    existing directory is moved aside, to ``.<name>.replaced``, and returned: the command deletes it once the new
+    run has produced something, and puts it back if the new run fails before that."""
+    replaced = None
     if overwrite and out.exists():
-        shutil.rmtree(out)
+        replaced = out.with_name(f".{out.name}.replaced")
+        shutil.rmtree(replaced, ignore_errors=True)  # left by a process killed mid-run
+        out.rename(replaced)
     if (out / "config.yaml").is_file():
         old = _existing_config(out)
         changed = [k for k, v in config.to_dict().items() if old.get(k) != v]
@@ -195,6 +200,7 @@ def _prepare_out(config: RunConfig, out: Path, overwrite: bool) -> None:
                              "pass --overwrite or choose another --out")
     elif out.exists() and any(out.iterdir()):
         raise ValueError(f"out: {str(out)!r} exists and is not a run directory; choose another --out")
+    return replaced
 
 
 def _command(args: argparse.Namespace) -> dict | None:
@@ -203,7 +209,7 @@ def _command(args: argparse.Namespace) -> dict | None:
     if args.command in ("run", "stage1"):
         config = resolve_config(args)
         out = Path(args.out or f"runs/{config.task}")
-        _prepare_out(config, out, args.overwrite)
+        replaced = _prepare_out(config, out, args.overwrite)
         created = not out.exists()
         try:
             if args.command == "run":
@@ -214,7 +220,13 @@ def _command(args: argparse.Namespace) -> dict | None:
         except BaseException:
             if created and out.exists() and {p.name for p in out.iterdir()} <= {"config.yaml"}:
                 shutil.rmtree(out)  # nothing was produced: leave no half-made run behind
+            if replaced is not None and not out.exists():
+                replaced.rename(out)  # ... and give back the run it was to replace
+                replaced = None
             raise
+        finally:
+            if replaced is not None:
+                shutil.rmtree(replaced, ignore_errors=True)
     if args.command == "merge-chains":
         out = Path(args.out)
         if out.exists() and any(out.iterdir()):

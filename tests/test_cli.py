@@ -174,3 +174,28 @@ def test_an_abbreviated_flag_is_refused_not_guessed(capsys):
     assert main(["run", "--stage2-st", "5", "--out", "unused"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("bayestune: error: ") and "--stage2-st" in err and err.count("\n") == 1
+
+
+def test_overwrite_gives_the_old_run_back_when_the_new_one_fails_before_producing_anything(tmp_path, capsys):
+    """The new run fails late (its data directory holds no task files): the old run is back, untouched."""
+    out, empty = tmp_path / "run", tmp_path / "no-data"
+    out.mkdir()
+    empty.mkdir()
+    (out / "config.yaml").write_text(yaml.safe_dump(RunConfig(backbone="tiny-bert").to_dict()))
+    (out / "mask.json").write_text("{}")
+    assert main(["run", "--out", str(out), "--overwrite", "--backbone", "tiny-bert", "--task", "rte",
+                 "--data-dir", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bayestune: error: ") and err.count("\n") == 1
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "mask.json"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_overwrite_replaces_the_old_run_once_the_new_one_produces(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("the old run's")
+    assert main(["stage1", "--out", str(out), "--overwrite", "--backbone", "tiny-bert", "--shots-per-class", "2",
+                 "--max-length", "16", "--steps", "6", "--warmup", "2", "--burnin", "2", "--thin", "2"]) == 0
+    assert (out / "posterior.json").exists() and not (out / "notes.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # nothing set aside is left behind
