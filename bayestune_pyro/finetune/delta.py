@@ -168,8 +168,7 @@ class SparseDelta:
             if name not in self.head or name not in head_names:
                 where = "the delta" if name not in self.head else "the backbone's head"
                 raise reader.error(f"has a head that does not fit: head.{name} is missing from {where}")
-            shape = tuple(self.head[name].shape)[1 if self.members else 0:]
-            reader.agree(f"head.{name} shape", shape, tuple(named[name].shape), "the backbone")
+            reader.agree(f"head.{name} shape", tuple(self.head[name].shape), tuple(named[name].shape), "the backbone")
             reader.agree(f"head.{name} dtype", self.head[name].dtype, named[name].dtype, "the backbone")
 
     @torch.no_grad()
