@@ -245,7 +245,9 @@ class RunConfig:
     ensemble_burnin: int = option(100, "sgld ensemble: steps before the first member (the preconditioner adapts)")
     ensemble_thin: int = option(25, "sgld ensemble: steps between members")
     ensemble_lr: float = option(1e-4, "sgld ensemble: step size (η = 2·lr/N̂)")
-    ensemble_gamma: float = option(1.0, "sgld ensemble: noise discount γ (temperature γ²)")
+    ensemble_gamma: float | list[float] = option(1.0, "sgld ensemble: noise discount γ (temperature γ²); a list "
+                                                 "(0.1,0.3,1) is a grid: each γ samples an ensemble and the lowest "
+                                                 "validation NLL (regression: best validation score) is kept")
     ensemble_n_hat: float | None = option(None, "sgld ensemble: effective data size N̂ (default: the training set "
                                           "size |D|)")
     ensemble_prior_sd: float | None = option(None, "sgld ensemble: prior scale σ of δ ~ N(0, σ²) (default: the RMS "
@@ -321,6 +323,8 @@ class RunConfig:
         if self.ensemble_burnin < 0:
             raise ValueError(f"ensemble_burnin: must be an integer >= 0, got {self.ensemble_burnin!r}")
         check_positive(self, "ensemble_lr", "ensemble_gamma")
+        if isinstance(self.ensemble_gamma, list) and "sgld" in self.ensemble and not self.validation_fraction > 0:
+            raise ValueError("ensemble_gamma: a grid is chosen on the validation split; set --validation-fraction > 0")
         for name in ("ensemble_n_hat", "ensemble_prior_sd", "ensemble_head_prior_sd"):
             if getattr(self, name) is not None:
                 check_positive(self, name)

@@ -203,33 +203,50 @@ def _temperature(s, tuner, outputs: torch.Tensor, labels: torch.Tensor) -> dict 
 def _ensemble(s, kind: str, tuner, identity: tuple, progress: bool) -> tuple[SparseDelta, dict]:
     """The run's ensemble of ``kind`` (``finetune.ensemble``) from the point estimate the tuner holds: its members as
     one sparse delta, and what metrics.json reports of it (the test split's scores of its mean predictive, the
-    validation metric, the reliability table, the prior it sampled under, seconds). The tuner is left at the point
-    estimate."""
-    config, device, spec = s.ensemble_config(kind), s.lifted.theta_bar.device, s.task.spec
-    start, info = time.perf_counter(), {}
-    if config.kind == "sgld":
-        states, info = sgld_members(tuner, s.train_batches(s.config.seed + 1), config, len(s.task.train),
-                                    s.config.seed, progress)
-    else:
-        states = deep_members(tuner, s.train_batches, tuner.config, s.validator(), config.size, s.config.seed,
-                              s.task.target_mean, progress)
-    seconds = time.perf_counter() - start
-    point = tuner.state()
+    validation scores, the reliability table, the prior and γ it sampled under, seconds). A γ grid samples one
+    ensemble per γ and keeps the lowest validation NLL (regression: the best validation score); ``grid`` records
+    every point. The tuner is left at the point estimate."""
+    device, spec, point = s.lifted.theta_bar.device, s.task.spec, tuner.state()
+    candidates = []  # (members' states, report) per setting
+    for config in s.ensemble_configs(kind):
+        start, info = time.perf_counter(), {}
+        if config.kind == "sgld":
+            states, info = sgld_members(tuner, s.train_batches(s.config.seed + 1), config, len(s.task.train),
+                                        s.config.seed, progress)
+            info["gamma"] = config.gamma
+        else:
+            states = deep_members(tuner, s.train_batches, tuner.config, s.validator(), config.size, s.config.seed,
+                                  s.task.target_mean, progress)
+        report = {"size": config.size, **info, "seconds": time.perf_counter() - start}
+        if s.task.validation:
+            validation, _ = score(*predictive(tuner, states, s.validation_loader(), spec, device), spec,
+                                  probabilities=not spec.is_regression)
+            report.update(validation=validation, validation_score=validation[spec.metric])
+            tuner.load_state(point)
+        candidates.append((states, report))
+    states, report = min(candidates, key=lambda c: _validation_loss(c[1], spec))
+    if len(candidates) > 1:
+        report["grid"] = [{"gamma": r["gamma"], "validation": r["validation"]} for _, r in candidates]
+        report["seconds"] = sum(r["seconds"] for _, r in candidates)
     scores, reliability = score(*predictive(tuner, states, s.test_loader(), spec, device), spec,
                                 probabilities=not spec.is_regression)
-    report = {"size": config.size, "test": scores, **info, "seconds": seconds}
+    report["test"] = scores
     if reliability is not None:
         report["reliability"] = reliability
-    if s.task.validation:
-        validation, _ = score(*predictive(tuner, states, s.validation_loader(), spec, device), spec,
-                              probabilities=not spec.is_regression)
-        report.update(validation=validation, validation_score=validation[spec.metric])
     members = []
     for state in states:
         tuner.load_state(state)
         members.append(tuner.sparse_delta(*identity))
     tuner.load_state(point)
     return SparseDelta.stack(members), report
+
+
+def _validation_loss(report: dict, spec) -> float:
+    """What an ensemble grid minimises: the validation NLL, or for regression minus the validation score (0 without
+    a validation split, where there is no grid)."""
+    if "validation" not in report:
+        return 0.0
+    return report["validation"]["nll"] if not spec.is_regression else -report["validation_score"]
 
 
 GRID_OUTPUTS = ("posterior.safetensors", "posterior.json", "mask.safetensors", "mask.json", "delta.safetensors",

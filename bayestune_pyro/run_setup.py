@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import RunConfig
+from .config import RunConfig, values_of
 from .data import TaskData, infinite_batches, load_task, make_loader
 from .data.images import ImageExample
 from .finetune.ensemble import EnsembleConfig
@@ -41,10 +41,12 @@ class Setup:
         return Stage2Config(c.stage2_steps, c.stage2_lr, c.stage2_head_lr or c.head_lr, c.weight_decay,
                             eval_every=c.eval_every)
 
-    def ensemble_config(self, kind: str) -> EnsembleConfig:
+    def ensemble_configs(self, kind: str) -> list[EnsembleConfig]:
+        """The ensemble of ``kind``'s settings: one per γ of the sgld grid (``deep`` has one)."""
         c = self.config
-        return EnsembleConfig(kind, c.ensemble_size, c.ensemble_burnin, c.ensemble_thin, c.ensemble_lr,
-                              c.ensemble_gamma, c.ensemble_n_hat, c.ensemble_prior_sd, c.ensemble_head_prior_sd)
+        gammas = values_of(c.ensemble_gamma) if kind == "sgld" else [1.0]
+        return [EnsembleConfig(kind, c.ensemble_size, c.ensemble_burnin, c.ensemble_thin, c.ensemble_lr, gamma,
+                               c.ensemble_n_hat, c.ensemble_prior_sd, c.ensemble_head_prior_sd) for gamma in gammas]
 
     def train_batches(self, seed: int | None = None):
         """Shuffled training batches, epoch after epoch (order seeded by ``seed``, default the run's seed)."""

@@ -167,6 +167,31 @@ def test_run_writes_ensembles_whose_members_give_the_reported_predictive(tmp_pat
     assert all(torch.equal(point.updates[n][1], v[0]) for n, (_, v) in deep.updates.items())  # member 0: the point
 
 
+def test_sgld_gamma_grid_keeps_the_lowest_validation_nll(tmp_path):
+    """``--ensemble-gamma 0.1,1`` samples one ensemble per γ, records both validation NLLs, keeps the lower one, and
+    the kept ensemble is the one a run at that single γ samples (same test NLL, same members)."""
+    common = [*TINY_TEXT, "--p", "0.01", "--validation-fraction", "0.25", "--ensemble", "sgld", "--ensemble-size",
+              "2", "--ensemble-burnin", "2", "--ensemble-thin", "2", "--ensemble-lr", "3e-2"]
+    assert main(["run", "--out", str(tmp_path / "grid"), *common, "--ensemble-gamma", "0.1,1"]) == 0
+    ensemble = json.loads((tmp_path / "grid" / "metrics.json").read_text())["ensembles"]["sgld"]
+    nll = {point["gamma"]: point["validation"]["nll"] for point in ensemble["grid"]}
+    assert set(nll) == {0.1, 1.0} and nll[0.1] != nll[1.0]
+    assert ensemble["gamma"] == min(nll, key=nll.get) and ensemble["validation"]["nll"] == min(nll.values())
+    chosen = str(ensemble["gamma"])
+    assert main(["run", "--out", str(tmp_path / "one"), *common, "--ensemble-gamma", chosen]) == 0
+    single = json.loads((tmp_path / "one" / "metrics.json").read_text())["ensembles"]["sgld"]
+    assert "grid" not in single and single["test"] == ensemble["test"]
+    grid_members = SparseDelta.load(tmp_path / "grid" / "ensemble-sgld.safetensors").updates
+    one_members = SparseDelta.load(tmp_path / "one" / "ensemble-sgld.safetensors").updates
+    assert all(torch.equal(grid_members[n][1], one_members[n][1]) for n in one_members)
+
+
+def test_an_ensemble_gamma_grid_needs_a_validation_split(capsys):
+    assert main(["run", "--out", "unused", "--backbone", "tiny-bert", "--ensemble", "sgld", "--ensemble-gamma",
+                 "0.1,1", "--validation-fraction", "0"]) == 2
+    assert "ensemble_gamma: a grid is chosen on the validation split" in capsys.readouterr().err
+
+
 def test_an_ensemble_needs_a_masked_method(capsys):
     assert main(["run", "--out", "unused", "--backbone", "tiny-bert", "--method", "full", "--ensemble", "sgld"]) == 2
     assert "ensemble: method 'full' trains without a fixed mask" in capsys.readouterr().err

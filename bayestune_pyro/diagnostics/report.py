@@ -293,16 +293,29 @@ def _stage2(metrics: dict | None, mask: Mask) -> tuple[str, str | None, str]:
                              f"{metrics['n_updated']:,} of {metrics['n_total']:,} coordinates updated{stale}")
 
 
+def _grid_points(grid: list[dict]) -> str:
+    """An ensemble's γ grid in one line: each γ with its validation NLL (regression: validation scores)."""
+    return "; ".join(f"γ {p['gamma']:g}: " + (f"NLL {p['validation']['nll']:.4g}" if "nll" in p["validation"] else
+                                               ", ".join(f"{k} {v:.4g}" for k, v in p["validation"].items()))
+                     for p in grid)
+
+
+def _ensemble_title(kind: str, ensemble: dict) -> str:
+    gamma = f" (γ = {ensemble['gamma']:g})" if "gamma" in ensemble else ""
+    return f"{kind} ensemble of {ensemble['size']}{gamma}"
+
+
 def _stage2_section(metrics: dict) -> str:
     """Every metric, and the reliability diagram from the test split's bins (classification tasks)."""
     table, ensembles = metrics.get("reliability"), metrics.get("ensembles", {})
     shown = {k: v for k, v in metrics.items() if k not in ("reliability", "ensembles")}
-    shown |= {f"ensembles.{kind}": {k: v for k, v in e.items() if k != "reliability"} for kind, e in ensembles.items()}
+    shown |= {f"ensembles.{kind}": {k: _grid_points(v) if k == "grid" else v for k, v in e.items()
+                                    if k != "reliability"} for kind, e in ensembles.items()}
     facts = _grid(_flat(shown))
     if table is None:
         return facts
     diagrams = [figures.reliability_diagram(table, metrics["test"]["ece"])]
-    diagrams += [figures.reliability_diagram(e["reliability"], e["test"]["ece"], f"{kind} ensemble of {e['size']}")
+    diagrams += [figures.reliability_diagram(e["reliability"], e["test"]["ece"], _ensemble_title(kind, e))
                  for kind, e in ensembles.items() if e.get("reliability") is not None]
     return (facts + "<p class='note'>Calibration on the test split: the top-1 confidence (the largest softmax "
             "probability) against how often the top-1 prediction is right, per equal-width confidence bin. Bars "
