@@ -1,11 +1,15 @@
 """Checked reading of a run's artifacts: every loader states what it reads and what it expects, and anything else
 is a one-line ValueError ``<artifact>: <file> <problem>`` naming the field, its value and what is allowed.
 
-JSON sidecars (``mask.json``, ``posterior.json``) are *sealed*: ``format`` names their version, ``sha256`` is the
-digest of the rest of the record (canonical JSON), and ``tensors_sha256`` is the digest in the header of the
-safetensors file written with them, so a changed byte or a pair of files from two different writes is noticed.
-Records written before sealing (no ``format``) are read as before: every field they have is checked, the seal and
-the layout hash are not (the hash is computed from the layout they store).
+Paired artifacts (``mask``, ``posterior``) are one safetensors file whose header holds the tensors' record (JSON
+under ``record``, with ``format`` naming its version), covered by the file's own digest, so the pair is written in one
+atomic rename. Beside it, ``<name>.json`` is a readable copy, *sealed*: ``sha256`` is the digest of the rest of the
+record (canonical JSON) and ``tensors_sha256`` the safetensors file's digest. The copy is removed before a new file is
+written and written after it, so it exists only beside a complete write (runs use it as the stage's "done" mark).
+
+Files written before the record moved into the header are read from their copy, its seal and its tensors' digest
+checked; records written before sealing (no ``format``) are read with every field they have checked, the seal and the
+layout hash not (the hash is computed from the layout they store).
 """
 from __future__ import annotations
 
@@ -16,19 +20,32 @@ from pathlib import Path
 
 import torch
 
-from .io import DIGEST, read_json, read_tensors, write_json
+from .io import DIGEST, fsync_directory, read_json, read_tensors, save_tensors, write_json
 from .models.lifted import Layout
 
 LAYOUT_HASH = "layout_sha256"
 TENSORS_HASH = "tensors_sha256"
+RECORD = "record"  # the safetensors header entry holding a paired artifact's record
 INTEGER = (torch.int32, torch.int64)
 MISSING = object()
 
 
-def write_sealed(path: str | os.PathLike, record: dict, fmt: str, tensors_sha256: str) -> None:
-    """Write ``record`` as a sealed sidecar of the safetensors file whose digest is ``tensors_sha256``."""
-    record = {"format": fmt, **record, TENSORS_HASH: tensors_sha256}
-    write_json(path, {**record, DIGEST: _seal(record)})
+def save_paired(path: str | os.PathLike, tensors: dict[str, torch.Tensor], record: dict, fmt: str) -> None:
+    """Write ``tensors`` to ``path`` with ``record`` (in format ``fmt``) in its header, then the sealed readable copy
+    ``path.with_suffix('.json')``; the old copy goes first, so a cut write leaves no copy beside the new file."""
+    path = Path(path)
+    copy = path.with_suffix(".json")
+    if copy.exists():
+        copy.unlink()
+        fsync_directory(copy.parent)
+    record = {"format": fmt, **record}
+    write_json(copy, sealed_copy(record, save_tensors(path, tensors, {RECORD: json.dumps(record)})))
+
+
+def sealed_copy(record: dict, tensors_sha256: str) -> dict:
+    """The JSON copy of ``record`` beside the safetensors file whose digest is ``tensors_sha256``, sealed."""
+    record = {**record, TENSORS_HASH: tensors_sha256}
+    return {**record, DIGEST: _seal(record)}
 
 
 def _seal(record: dict) -> str:
@@ -77,13 +94,32 @@ class Reader:
             raise self.error("is corrupted (its contents do not match the sha256 it was sealed with)")
         return record
 
-    def tensors(self, record: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
-        """(header, tensors) of the file; with the sealed ``record`` of its sidecar, the two must be one write."""
+    def tensors(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(header, tensors) of the file."""
+        return read_tensors(self.path, self.what)
+
+    def paired(self, fmt: str) -> tuple[Reader, dict, dict[str, torch.Tensor]]:
+        """(reader of the record, record, tensors) of a paired safetensors file: the record from its header in
+        format ``fmt`` (read by this reader), or, for a file written before the header held it, from its sealed
+        JSON copy (its own reader), which must come from the same write."""
         header, tensors = read_tensors(self.path, self.what)
-        if record is not None and TENSORS_HASH in record and record[TENSORS_HASH] != header.get(DIGEST):
-            raise self.error("does not belong with its JSON sidecar (another write's file: the sha256 differs); "
-                             "write both again")
-        return header, tensors
+        if RECORD not in header:
+            copy = Reader(self.what, self.path.with_suffix(".json"))
+            record = copy.record(fmt)
+            if TENSORS_HASH in record and record[TENSORS_HASH] != header.get(DIGEST):
+                raise copy.error(f"does not belong with {self.path.name} (another write's file: the sha256 "
+                                 "differs); write both again")
+            return copy, record, tensors
+        try:
+            record = json.loads(header[RECORD])
+        except json.JSONDecodeError:
+            raise self.error(f"has a header {RECORD!r} that is not JSON") from None
+        if not isinstance(record, dict):
+            raise self.error(f"has a header {RECORD!r} holding a JSON {type(record).__name__}, not an object")
+        self.sealed = True  # the file's digest covers the header
+        if record.get("format") != fmt:
+            raise self.error(f"has format={_short(record.get('format'))}; this version reads {fmt!r}")
+        return self, record, tensors
 
     def value(self, record: dict, key: str, kinds: tuple[type, ...], default=MISSING):
         """``record[key]``, of one of ``kinds`` (``int`` is not ``bool``; ``float`` takes ``int``; ``None`` for

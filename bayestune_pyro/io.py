@@ -46,7 +46,7 @@ def atomic_path(path: str | os.PathLike):
         yield Path(tmp)
         _fsync(tmp, os.O_RDWR)  # the writer may have replaced the file at tmp: sync what is there now
         os.replace(tmp, path)
-        _fsync_directory(path.parent)
+        fsync_directory(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -86,9 +86,9 @@ def atomic_directory(path: str | os.PathLike):
         for file in tmp.rglob("*"):
             if file.is_file():
                 _fsync(file, os.O_RDONLY)
-        _fsync_directory(tmp)
+        fsync_directory(tmp)
         os.replace(tmp, path)
-        _fsync_directory(path.parent)
+        fsync_directory(path.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -102,7 +102,7 @@ def _fsync(path: str | os.PathLike, flags: int) -> None:
         os.close(fd)
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
     """Make a rename in ``directory`` durable, where the platform can (not Windows; not every file system)."""
     try:
         _fsync(directory, os.O_RDONLY)

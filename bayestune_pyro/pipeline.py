@@ -184,7 +184,7 @@ def stage2(config: RunConfig, run_dir: str | os.PathLike, progress: bool = True)
         sparse.save(run_dir / "delta.safetensors")
         metrics["delta_bytes"] = (run_dir / "delta.safetensors").stat().st_size
     stage1_meta = read_json(run_dir / "posterior.json") if (run_dir / "posterior.json").exists() else {}
-    selection_seconds = (read_json(run_dir / "mask.json").get("seconds") if mask is not None else None)
+    selection_seconds = mask.info.get("seconds") if mask is not None else None
     metrics["seconds"] = {"stage1": stage1_meta.get("seconds", selection_seconds), "stage2": seconds}
     write_json(run_dir / "metrics.json", metrics)
     return metrics

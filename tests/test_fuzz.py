@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from bayestune_pyro.artifacts import TENSORS_HASH, write_sealed
+from bayestune_pyro.artifacts import RECORD, TENSORS_HASH, sealed_copy
 from bayestune_pyro.cli import main
 from bayestune_pyro.finetune.delta import LEGACY_FORMAT, SparseDelta, merge
 from bayestune_pyro.io import read_tensors, save_tensors
@@ -299,10 +299,9 @@ def test_a_real_terminal_gets_one_line_and_no_traceback(run_dir, tmp_path):
 
 # --- damaged and foreign artifacts
 
-SEALED = ("posterior.safetensors", "posterior.json", "mask.safetensors", "mask.json", "delta.safetensors")
+SEALED = ("posterior.safetensors", "mask.safetensors", "delta.safetensors")  # the *.json beside are copies
 READERS = {"posterior.safetensors": ("export", "merge-chains", "diagnose"),  # the commands that read each file
-           "posterior.json": ("export", "merge-chains"), "mask.safetensors": ("stage2", "diagnose"),
-           "mask.json": ("stage2", "diagnose"), "delta.safetensors": ("merge",)}
+           "mask.safetensors": ("stage2", "diagnose"), "delta.safetensors": ("merge",)}
 
 
 def _copy(run_dir: Path, to: Path) -> Path:
@@ -351,30 +350,22 @@ def _same_content(damaged: Path, original: Path) -> bool:
 
 
 def _resave(path: Path, change) -> None:
-    """Rewrite a safetensors artifact through ``change(metadata, tensors)`` with a valid digest (and its sealed
-    sidecar re-sealed to match): damage that only the loaders' checks can see."""
+    """Rewrite a safetensors artifact through ``change(metadata, tensors)`` with a valid digest: damage that only
+    the loaders' checks can see."""
     metadata, tensors = read_tensors(path, "x")
     metadata = dict(metadata)
     change(metadata, tensors)
     path.unlink()
-    digest = save_tensors(path, tensors, metadata)
-    sidecar = path.with_suffix(".json")
-    if sidecar.exists():
-        record = json.loads(sidecar.read_text())
-        fmt = record.pop("format")
-        record.pop("sha256")
-        sidecar.unlink()
-        write_sealed(sidecar, {k: v for k, v in record.items() if k != TENSORS_HASH}, fmt, digest)
+    save_tensors(path, tensors, metadata)
 
 
-def _reseal(path: Path, change) -> None:
-    """Rewrite a sealed JSON sidecar through ``change(record)``, sealed again."""
-    record = json.loads(path.read_text())
-    fmt, digest = record.pop("format"), record.pop(TENSORS_HASH)
-    record.pop("sha256")
-    change(record)
-    path.unlink()
-    write_sealed(path, record, fmt, digest)
+def _rerecord(path: Path, change) -> None:
+    """Rewrite the record in a paired artifact's header through ``change(record)``, with a valid digest."""
+    def edit(metadata, tensors):
+        record = json.loads(metadata[RECORD])
+        change(record)
+        metadata[RECORD] = json.dumps(record)
+    _resave(path, edit)
 
 
 def _swap_first_two(t: torch.Tensor) -> torch.Tensor:
@@ -428,21 +419,24 @@ STRUCTURAL = {  # name: (file, change), each read by the commands of READERS
     "delta of an unknown search space": ("delta.safetensors",
                                          lambda meta, tensors: meta.update(search_space='{"name": "nope"}')),
 }
-SIDECARS = {
-    "mask.json of another d": ("mask.json", lambda r: r.update(d=r["d"] + 1)),
-    "mask.json with another k": ("mask.json", lambda r: r.update(k=r["k"] - 1)),
-    "mask.json of another backbone": ("mask.json", lambda r: r.update(backbone="minilm-l6")),
-    "mask.json with a renamed tensor": ("mask.json", lambda r: r["layout"][0].__setitem__(0, "other.weight")),
-    "mask.json with a layout row cut": ("mask.json", lambda r: r["layout"][1].pop()),
-    "mask.json without counts": ("mask.json", lambda r: r.pop("counts")),
-    "mask.json with p a string": ("mask.json", lambda r: r.update(p="0.01")),
-    "mask.json of another layout hash": ("mask.json", lambda r: r.update(layout_sha256="f" * 64)),
-    "posterior.json with two chains": ("posterior.json", lambda r: r.update(chains=2)),
-    "posterior.json with counts negative": ("posterior.json", lambda r: r.update(counts=[-1])),
-    "posterior.json of another backbone": ("posterior.json", lambda r: r.update(backbone="tiny-vit")),
-    "posterior.json of an unknown estimator": ("posterior.json", lambda r: r.update(estimator="median")),
-    "posterior.json with a shape of another size": ("posterior.json", lambda r: r["layout"][0][1].__setitem__(0, 7)),
-    "posterior.json without a layout": ("posterior.json", lambda r: r.pop("layout")),
+RECORDS = {  # the record in a paired artifact's header
+    "mask record of another d": ("mask.safetensors", lambda r: r.update(d=r["d"] + 1)),
+    "mask record with another k": ("mask.safetensors", lambda r: r.update(k=r["k"] - 1)),
+    "mask record of another backbone": ("mask.safetensors", lambda r: r.update(backbone="minilm-l6")),
+    "mask record with a renamed tensor": ("mask.safetensors",
+                                          lambda r: r["layout"][0].__setitem__(0, "other.weight")),
+    "mask record with a layout row cut": ("mask.safetensors", lambda r: r["layout"][1].pop()),
+    "mask record without counts": ("mask.safetensors", lambda r: r.pop("counts")),
+    "mask record with p a string": ("mask.safetensors", lambda r: r.update(p="0.01")),
+    "mask record of another layout hash": ("mask.safetensors", lambda r: r.update(layout_sha256="f" * 64)),
+    "mask record of another format": ("mask.safetensors", lambda r: r.update(format="bayestune-mask/9")),
+    "posterior record with two chains": ("posterior.safetensors", lambda r: r.update(chains=2)),
+    "posterior record with counts negative": ("posterior.safetensors", lambda r: r.update(counts=[-1])),
+    "posterior record of another backbone": ("posterior.safetensors", lambda r: r.update(backbone="tiny-vit")),
+    "posterior record of an unknown estimator": ("posterior.safetensors", lambda r: r.update(estimator="median")),
+    "posterior record with a shape of another size": ("posterior.safetensors",
+                                                      lambda r: r["layout"][0][1].__setitem__(0, 7)),
+    "posterior record without a layout": ("posterior.safetensors", lambda r: r.pop("layout")),
 }
 
 
@@ -496,16 +490,16 @@ def test_damaged_and_foreign_artifacts_are_one_line_errors(run_dir, tmp_path, ca
         check(f"{damage} {target} at {at}", target, command, run, _same_content(run / target, run_dir / target))
 
     bytes_damage()
-    for i, (name, (target, change)) in enumerate({**STRUCTURAL, **SIDECARS}.items()):
+    for i, (name, (target, change)) in enumerate({**STRUCTURAL, **RECORDS}.items()):
         run = _copy(run_dir, tmp_path / f"structural{next(fresh)}")
-        (_reseal if target.endswith(".json") else _resave)(run / target, change)
+        (_rerecord if name in RECORDS else _resave)(run / target, change)
         check(name, target, READERS[target][i % len(READERS[target])], run)
     # made for something else: another d, another backbone, another label count than the run's
     run = _copy(run_dir, tmp_path / "other-d")
     for name in ("mask.safetensors", "mask.json"):
         (run / name).unlink()
     Mask(torch.tensor([0, 5, 9]), Layout.of([("bert.pooler.dense.weight", (10, 10))]), backbone="tiny-bert").save(run)
-    check("mask of another d", "mask.json", "stage2", run)
+    check("mask of another d", "mask.safetensors", "stage2", run)
     check("delta of 5 labels merged for 2", "delta.safetensors", "merge for 2 labels", run_dir)
     check("delta of tiny-bert merged for tiny-vit", "delta.safetensors", "merge for tiny-vit", run_dir)
     run = _copy(run_dir, tmp_path / "pickle")
@@ -526,17 +520,65 @@ def test_mismatches_name_the_file_and_the_field(run_dir, tmp_path, capsys):
     for name in ("mask.safetensors", "mask.json"):
         (run / name).unlink()
     Mask(torch.tensor([0, 5, 9]), Layout.of([("bert.pooler.dense.weight", (10, 10))]), backbone="tiny-bert").save(run)
-    assert _refused(capsys, ["stage2", str(run)]) == (f"bayestune: error: mask: {run / 'mask.json'} has d=100 but "
-                                                      f"the backbone gives d={d}")
-    _reseal(run / "posterior.json", lambda r: r.update(backbone="tiny-vit"))
+    assert _refused(capsys, ["stage2", str(run)]) == (f"bayestune: error: mask: {run / 'mask.safetensors'} has "
+                                                      f"d=100 but the backbone gives d={d}")
+    _rerecord(run / "posterior.safetensors", lambda r: r.update(backbone="tiny-vit"))
     assert _refused(capsys, ["export", str(run), "--p", "0.01"]) == (
-        f"bayestune: error: posterior: {run / 'posterior.json'} has backbone='tiny-vit' but the run's config.yaml "
-        "gives backbone='tiny-bert'")
+        f"bayestune: error: posterior: {run / 'posterior.safetensors'} has backbone='tiny-vit' but the run's "
+        "config.yaml gives backbone='tiny-bert'")
     _resave(run / "delta.safetensors", lambda meta, tensors: meta.update(num_labels="3"))
     with pytest.raises(ValueError) as err:
         merge(run / "delta.safetensors")
     assert str(err.value) == (f"delta: {run / 'delta.safetensors'} has head.classifier.bias shape=(5,) but the "
                               "backbone gives head.classifier.bias shape=(3,)")
+
+
+def test_the_record_in_the_header_rules_and_its_json_copy_marks_a_complete_write(run_dir, tmp_path, monkeypatch):
+    """A paired artifact is one file: a stale or damaged ``mask.json`` beside a newer ``mask.safetensors`` changes
+    nothing, a write cut after the tensors leaves the new file and no copy (so a run redoes the stage), and the copy
+    is the header's record."""
+    run = _copy(run_dir, tmp_path / "run")
+    old = Mask.load(run)
+    header, _ = read_tensors(run / "mask.safetensors", "x")
+    assert json.loads(header[RECORD]).items() <= json.loads((run / "mask.json").read_text()).items()
+    stale = (run / "mask.json").read_bytes()
+    new = Mask(old.index[1:], old.layout, old.p, None, old.method, {}, old.backbone)
+
+    def cut(*args):
+        raise KeyboardInterrupt("killed between the two writes")
+    monkeypatch.setattr("bayestune_pyro.artifacts.write_json", cut)
+    with pytest.raises(KeyboardInterrupt):
+        new.save(run)
+    monkeypatch.undo()
+    assert not (run / "mask.json").exists()  # the stage is not done: a run exports again
+    assert torch.equal(Mask.load(run).index, new.index)
+    (run / "mask.json").write_bytes(stale)  # a copy from another write, or edited by hand: not read
+    assert torch.equal(Mask.load(run).index, new.index)
+    _replace(run / "mask.json", b"{garbage")
+    assert Mask.load(run).k == old.k - 1
+
+
+def test_pairs_written_with_the_record_only_in_the_json_copy_still_load(run_dir, tmp_path, capsys):
+    """The previous version kept the record in the sealed JSON copy only, matched to the tensors by their digest:
+    such a pair loads, and a copy from another write than its tensors is refused."""
+    run = _copy(run_dir, tmp_path / "previous")
+    for name in ("mask", "posterior"):
+        metadata, tensors = read_tensors(run / f"{name}.safetensors", "x")
+        record = json.loads(metadata.pop(RECORD))
+        (run / f"{name}.safetensors").unlink()
+        _replace(run / f"{name}.json", json.dumps(sealed_copy(
+            record, save_tensors(run / f"{name}.safetensors", tensors, metadata))).encode())
+    assert torch.equal(Mask.load(run).index, Mask.load(run_dir).index)
+    capsys.readouterr()
+    assert main(["export", str(run), "--p", "0.01"]) == 0  # reads the previous posterior, writes the new pair
+    assert RECORD in read_tensors(run / "mask.safetensors", "x")[0]
+    metadata, tensors = read_tensors(run / "posterior.safetensors", "x")
+    tensors["tracked_index"] = tensors["tracked_index"][1:]
+    (run / "posterior.safetensors").unlink()
+    save_tensors(run / "posterior.safetensors", tensors, metadata)  # another write's tensors beside the copy
+    assert _refused(capsys, ["export", str(run), "--p", "0.01"]) == (
+        f"bayestune: error: posterior: {run / 'posterior.json'} does not belong with posterior.safetensors (another "
+        "write's file: the sha256 differs); write both again")
 
 
 def test_artifacts_written_before_the_hash_still_load_when_every_other_field_agrees(run_dir, tmp_path, capsys):

@@ -11,8 +11,8 @@ Moments are kept per chain and pooled on demand (Chan et al.'s parallel combinat
   :class:`LambdaConditional` (λ_i | θ_i ~ GIG, since the data never touch λ). It never has a larger variance than
   ``draws`` and needs no mixing in λ. Its variance moment is the spread of E[λ|θ] over draws.
 
-Files: ``posterior.safetensors`` (tensors) and ``posterior.json`` (layout and its hash, backbone, counts, settings;
-sealed, see ``artifacts``).
+File: ``posterior.safetensors``, the tensors and in its header their record (layout and its hash, backbone, counts,
+settings), with ``posterior.json`` a readable copy of the record (see ``artifacts``).
 """
 from __future__ import annotations
 
@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import LAYOUT_HASH, Reader, write_sealed
-from ..io import save_tensors
+from ..artifacts import LAYOUT_HASH, Reader, save_paired
 from ..models.lifted import Layout
 
 FORMAT = "bayestune-posterior/2"
@@ -132,10 +131,9 @@ class StreamingPosterior:
             tensors[f"{m}_mean"], tensors[f"{m}_m2"] = self.mean[m], self.m2[m]
         for name in self.traces[0]:
             tensors[f"trace.{name}"] = self.trace(name)
-        digest = save_tensors(Path(run_dir) / "posterior.safetensors", tensors)
-        write_sealed(Path(run_dir) / "posterior.json",
-                     {"chains": self.chains, "counts": self.counts, "d": self.d, "layout": self.layout.to_json(),
-                      LAYOUT_HASH: self.layout.sha256, "estimator": self.estimator, **(extra or {})}, FORMAT, digest)
+        save_paired(Path(run_dir) / "posterior.safetensors", tensors,
+                    {"chains": self.chains, "counts": self.counts, "d": self.d, "layout": self.layout.to_json(),
+                     LAYOUT_HASH: self.layout.sha256, "estimator": self.estimator, **(extra or {})}, FORMAT)
 
     @classmethod
     def concatenate(cls, parts: list[StreamingPosterior]) -> StreamingPosterior:
@@ -158,8 +156,8 @@ class StreamingPosterior:
              backbone: str | None = None) -> StreamingPosterior:
         """The posterior of ``run_dir``, every field and tensor shape checked, and sampled on ``backbone`` if given
         (the run's); a one-line ValueError naming the file and the field otherwise."""
-        record_file = Reader("posterior", Path(run_dir) / "posterior.json")
-        meta = record_file.record(FORMAT)
+        tensor_file = Reader("posterior", Path(run_dir) / "posterior.safetensors")
+        record_file, meta, tensors = tensor_file.paired(FORMAT)
         layout = record_file.layout(meta)
         chains = record_file.count(meta, "chains")
         counts = record_file.items(meta, "counts", (int,), chains)
@@ -171,8 +169,6 @@ class StreamingPosterior:
             raise record_file.error(f"has estimator={estimator!r}, not one of: {', '.join(ESTIMATORS)}")
         if backbone is not None and record_file.value(meta, "backbone", (str, None), None) is not None:
             record_file.agree("backbone", meta["backbone"], backbone, "the run's config.yaml")
-        tensor_file = Reader("posterior", Path(run_dir) / "posterior.safetensors")
-        _, tensors = tensor_file.tensors(meta)
         tracked = tensor_file.index(tensors, "tracked_index", layout.d)
         moments = dict.fromkeys(["lambda", MOMENT[estimator]] + [m for m in ("delta",) if f"{m}_mean" in tensors])
         draws = min(counts)

@@ -2,8 +2,9 @@
 
 A mask is the sorted flat indices of the chosen coordinates in θ's layout. Top-p keeps exactly ⌊p·d⌋ coordinates,
 ties broken towards the lower flat index (a stable sort), so the same scores always give the same mask; a
-threshold keeps every coordinate with score > λ_th. Files: ``mask.safetensors`` (indices) and ``mask.json``
-(p, λ_th, d, count per parameter tensor, the layout and its hash, the backbone; sealed, see ``artifacts``).
+threshold keeps every coordinate with score > λ_th. File: ``mask.safetensors``, the indices and in its header their
+record (p, λ_th, d, count per parameter tensor, the layout and its hash, the backbone), with ``mask.json`` a readable
+copy of the record (see ``artifacts``).
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import LAYOUT_HASH, TENSORS_HASH, Reader, write_sealed
-from ..io import DIGEST, save_tensors
+from ..artifacts import LAYOUT_HASH, TENSORS_HASH, Reader, save_paired
+from ..io import DIGEST
 from ..models.lifted import Layout
 
 FORMAT = "bayestune-mask/2"
@@ -49,21 +50,20 @@ class Mask:
         return out
 
     def save(self, run_dir: str | os.PathLike) -> None:
-        """``mask.safetensors``, then ``mask.json`` (sealed with the former's digest: the json is written last)."""
-        digest = save_tensors(Path(run_dir) / "mask.safetensors", {"index": self.index.to(torch.int64)})
-        write_sealed(Path(run_dir) / "mask.json", {
+        """``mask.safetensors`` with its record, then the record's readable copy ``mask.json``."""
+        save_paired(Path(run_dir) / "mask.safetensors", {"index": self.index.to(torch.int64)}, {
             "method": self.method, "p": self.p, "threshold": self.threshold, "d": self.layout.d, "k": self.k,
             "counts": self.counts(), "layout": self.layout.to_json(), LAYOUT_HASH: self.layout.sha256,
             "backbone": self.backbone, **self.info,
-        }, FORMAT, digest)
+        }, FORMAT)
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike, device: str | torch.device = "cpu", *, layout: Layout | None = None,
              backbone: str | None = None) -> Mask:
         """The mask of ``run_dir``, every field checked, and made for ``layout`` and ``backbone`` if given (the
         run's); a one-line ValueError naming the file and the field otherwise."""
-        record_file = Reader("mask", Path(run_dir) / "mask.json")
-        meta = record_file.record(FORMAT)
+        tensor_file = Reader("mask", Path(run_dir) / "mask.safetensors")
+        record_file, meta, tensors = tensor_file.paired(FORMAT)
         stored = record_file.layout(meta)
         method = record_file.value(meta, "method", (str,))
         p = record_file.value(meta, "p", (float, None))
@@ -71,12 +71,10 @@ class Mask:
         k = record_file.count(meta, "k")
         counts = record_file.value(meta, "counts", (dict,))
         mask_backbone = record_file.value(meta, "backbone", (str, None), None)
-        tensor_file = Reader("mask", Path(run_dir) / "mask.safetensors")
-        _, tensors = tensor_file.tensors(meta)
         tensor_file.only(tensors, {"index"})
         index = tensor_file.index(tensors, "index", stored.d)
-        record_file.agree("k", k, index.numel(), "mask.safetensors")
-        record_file.agree("counts", counts, stored.counts(index), "mask.safetensors")
+        record_file.agree("k", k, index.numel(), "its index")
+        record_file.agree("counts", counts, stored.counts(index), "its index")
         info = {key: v for key, v in meta.items() if key not in FIELDS}
         mask = cls(index.to(device), stored, p, threshold, method, info, mask_backbone)
         if layout is not None:
@@ -85,7 +83,7 @@ class Mask:
 
     def expect(self, run_dir: str | os.PathLike, layout: Layout, backbone: str | None) -> None:
         """The mask (read from ``run_dir``) was made for ``layout`` and ``backbone``: d, layout hash and backbone."""
-        Reader("mask", Path(run_dir) / "mask.json").expect(layout, self.layout, backbone, self.backbone,
+        Reader("mask", Path(run_dir) / "mask.safetensors").expect(layout, self.layout, backbone, self.backbone,
                                                            "the backbone")
 
 
