@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -188,6 +189,15 @@ def merge(path: str | os.PathLike, device: str | torch.device = "cpu", *, backbo
     """A fresh pretrained backbone with the delta at ``path`` merged in (of an ensemble: its delta ``member``), once
     the delta is checked against it (and against ``backbone`` and ``num_labels`` when given); a one-line ValueError
     naming the file otherwise."""
+    sparse, loaded, _ = checked(path, backbone=backbone, num_labels=num_labels, member=member)
+    sparse.merge_into(loaded.model.to(device))
+    return loaded
+
+
+def checked(path: str | os.PathLike, *, backbone: str | None = None, num_labels: int | None = None,
+            member: int | None = None) -> tuple[SparseDelta, Backbone, Callable[[], None]]:
+    """The delta at ``path`` (of an ensemble: its ``member``), a fresh pretrained backbone with the delta's search
+    space attached, and what detaches that space again, once the delta is checked against them (see :func:`merge`)."""
     sparse, reader = SparseDelta.load(path), Reader("delta", path)
     if sparse.members and member is None:
         raise reader.error(f"is an ensemble of {sparse.members} deltas; merge one: member=0..{sparse.members - 1}")
@@ -207,13 +217,12 @@ def merge(path: str | os.PathLike, device: str | torch.device = "cpu", *, backbo
             options = {k: v for k, v in sparse.search_space.items() if k != "name"}
             spec = SEARCH_SPACES.get(sparse.search_space["name"])
             space = spec.build(spec.options.from_values(options, f"search space {spec.name}"))
-        space.attach(loaded.model)
+        detach = space.attach(loaded.model)
         layout = covered_layout(loaded.model, space, loaded.head_names)
     except ValueError as err:
         raise reader.error(f"names a backbone or search space that cannot be built ({err})") from None
     sparse.check(reader, loaded.model, layout, loaded.head_names)
-    sparse.merge_into(loaded.model.to(device))
-    return loaded
+    return sparse, loaded, detach
 
 
 def _integer(reader: Reader, meta: dict, key: str, minimum: int, default=MISSING) -> int:

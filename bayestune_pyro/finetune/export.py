@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from ..io import atomic_directory
-from ..models.backbones import Backbone, load_backbone
-from .delta import SparseDelta, merge
+from ..models.backbones import Backbone
+from .delta import SparseDelta, checked
 
 FORMATS = ("peft", "hf")
 DELTA = "delta.safetensors"
@@ -46,17 +46,16 @@ def export_model(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike | 
     out = Path(out) if out is not None else run_dir / fmt
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"out: {str(out)!r} already exists; choose another --out or remove it")
-    sparse = SparseDelta.load(run_dir / DELTA)
-    backbone = merged(run_dir / DELTA, sparse, fmt)
+    sparse, backbone = merged(run_dir / DELTA, fmt)
     with atomic_directory(out) as tmp:
         summary = to_peft(sparse, backbone, tmp) if fmt == "peft" else to_hf(backbone, tmp)
     return {"format": fmt, "out": str(out), "backbone": sparse.backbone, "n_updated": sparse.n_updated, **summary}
 
 
-def merged(path: Path, sparse: SparseDelta, fmt: str) -> Backbone:
-    """The pretrained backbone, without its search space's modules, with the delta at ``path`` merged in."""
-    merge(path)  # the delta's checks against its backbone and search space (a one-line error naming the file)
-    backbone = load_backbone(sparse.backbone, sparse.num_labels, pretrained=sparse.pretrained, seed=sparse.seed)
+def merged(path: Path, fmt: str) -> tuple[SparseDelta, Backbone]:
+    """The delta at ``path`` and the pretrained backbone, without its search space's modules, with it merged in."""
+    sparse, backbone, detach = checked(path)  # a one-line error naming the file if it does not fit
+    detach()
     params = dict(backbone.model.named_parameters())
     for name in [*sparse.updates, *sparse.head]:
         if name not in params:
@@ -64,7 +63,7 @@ def merged(path: Path, sparse: SparseDelta, fmt: str) -> Backbone:
                              f"{sparse.search_space['name']} search space attaches, not part of the base model); "
                              "load it with bayestune_pyro.finetune.delta.merge")
     sparse.merge_into(backbone.model)  # modules a space attached but the delta left at θ̄ add exactly 0: not needed
-    return backbone
+    return sparse, backbone
 
 
 def to_hf(backbone: Backbone, out: Path) -> dict:
