@@ -96,7 +96,7 @@ class LiftedBackbone(nn.Module):
 
     def __init__(self, backbone: Backbone, space: SearchSpace = Subset(), device: str | torch.device = "cpu"):
         super().__init__()
-        self.backbone = backbone
+        self.backbone, self.space = backbone, space
         space.attach(backbone.model)
         self.model = backbone.model.to(device)
         named = dict(self.model.named_parameters())

@@ -28,6 +28,10 @@ class SearchSpace:
         """The covered parameter names, in ``names`` order, never one of ``head_names``."""
         raise NotImplementedError
 
+    def added(self, name: str) -> bool:
+        """Parameter ``name`` belongs to a module this space attached (a subset attaches none)."""
+        return False
+
 
 @dataclass(frozen=True)
 class Space:

@@ -170,7 +170,10 @@ class Additive(SearchSpace):
 
     def covered(self, names: list[str], head_names: list[str]) -> list[str]:
         head = set(head_names)
-        return [n for n in names if n not in head and (self.backbone or n.rsplit(".", 1)[-1].startswith(PREFIX))]
+        return [n for n in names if n not in head and (self.backbone or self.added(n))]
+
+    def added(self, name: str) -> bool:
+        return name.rsplit(".", 1)[-1].startswith(PREFIX)
 
 
 @dataclass
