@@ -55,7 +55,7 @@ def test_vi_guide_moments_are_the_log_normal_ones(tiny_model, text_batch):
     assert torch.allclose(mean, torch.full_like(mean, 0.02)) and not var.any()
 
 
-@pytest.mark.parametrize("engine", ["map", "vi", "map-svi"])
+@pytest.mark.parametrize("engine", ["map", "vi", "vi-pyro", "map-svi"])
 def test_every_engine_runs_the_same_pipeline(tmp_path, engine):
     out = tmp_path / engine
     assert main(["run", "--out", str(out), *TINY, "--inference", engine]) == 0
@@ -157,3 +157,62 @@ def test_every_engine_fills_the_posterior_and_the_report_reads_its_kind(engine, 
     expected = {"sampler": 1.0, "point": 0.0}.get(kind, math.nan)
     assert np.allclose(temperature, expected, equal_nan=True)
     assert f"{engine} ({kind})" in (out / "report.html").read_text()
+
+
+def test_vi_gradient_is_pyros_trace_elbo_gradient_for_the_same_guide_and_draw():
+    """``vi``'s closed-form gradient of the one-draw ELBO (engines/vi.py) against autograd through Pyro's
+    ``Trace_ELBO`` on an AutoNormal guide with σ = exp(ρ), at the same μ, ρ and draw ε: μ, ρ and the head."""
+    import pyro
+    from pyro import poutine
+    from pyro.distributions import constraints
+    from pyro.infer import Trace_ELBO
+    from pyro.infer.autoguide import AutoNormal
+
+    from bayestune_pyro.engines.vi import MeanField
+    from bayestune_pyro.models.backbones import Backbone
+    from bayestune_pyro.models.gamma_laplace import GammaLaplaceModel
+    from bayestune_pyro.models.lifted import LiftedBackbone
+    from bayestune_pyro.testing.toy import Logistic, logistic_data
+
+    class ExpNormal(AutoNormal):
+        scale_constraint = constraints.positive  # σ = exp(ρ)
+
+    data = logistic_data(n=40, d=6, seed=0)
+    lifted = LiftedBackbone(Backbone(Logistic(1, 6), head_names=["b"], kind="tensor", source="toy"))
+    model = GammaLaplaceModel(lifted, alpha=2.0, beta=3.0, n_hat=40.0)
+    head = lifted.head_parameters()[0]
+    guide = ExpNormal(model, init_scale=0.3)
+    guide(data)
+    params = dict(guide.named_parameters())  # "locs.theta_unconstrained": μ_θ, "scales.theta_unconstrained": ρ_θ
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # a guide away from its start: every term of the gradient matters
+        for name, param in params.items():
+            param.copy_(torch.randn(6, generator=g) * 0.5 - (1.0 if "lambda" in name or "scales" in name else 0.0))
+    pyro.set_rng_seed(7)
+    loss = Trace_ELBO().differentiable_loss(model, guide, data) / model.n_hat
+    head.grad = None
+    loss.backward()
+    reference = {(kind, site): params[f"{kind}.{site}_unconstrained"].grad.clone()
+                 for kind in ("locs", "scales") for site in ("theta", "lambda")}
+    head_reference = head.grad.clone()
+    pyro.set_rng_seed(7)  # the same draw again, to read ε off it
+    draw = poutine.trace(guide).get_trace(data)
+    values = {"theta": draw.nodes["theta"]["value"], "lambda": draw.nodes["lambda"]["value"].log()}
+    with torch.no_grad():
+        eps = {k: (values[k] - getattr(guide.locs, k)) / getattr(guide.scales, k) for k in values}
+
+    potential = Potential(model)
+    q = MeanField(potential, potential.init(1.0), 1.0, torch.Generator())
+    with torch.no_grad():
+        for k in ("theta", "lambda"):
+            q.loc[k].copy_(params[f"locs.{k}_unconstrained"])
+            q.rho[k].copy_(params[f"scales.{k}_unconstrained"])
+    head.grad = None
+    q.draw(eps)
+    q.gradient(data)
+    potential.release()
+    for k in ("theta", "lambda"):
+        torch.testing.assert_close(q.loc[k].grad, reference[("locs", k)], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(q.rho[k].grad, reference[("scales", k)], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(head.grad, head_reference, rtol=1e-4, atol=1e-7)
+    assert reference[("scales", "lambda")].abs().min() > 1e-3  # the entropy and the draw both count

@@ -98,7 +98,7 @@ def test_stages_one_at_a_time(tmp_path, capsys):
     assert metrics["p"] == 0.002 and metrics["n_updated"] == math.floor(0.002 * metrics["n_total"])
 
 
-@pytest.mark.parametrize("engine", ["sgld", "map", "noisy-adam", "vi", "map-svi", "sghmc"])
+@pytest.mark.parametrize("engine", ["sgld", "map", "noisy-adam", "vi", "vi-pyro", "map-svi", "sghmc"])
 def test_interrupted_stage1_resumes_bitwise(tmp_path, engine):
     """Interrupted in the sampling phase (preconditioner frozen, traces begun) and resumed from the safetensors
     checkpoint: the posterior and the head equal the uninterrupted chain's, bitwise."""

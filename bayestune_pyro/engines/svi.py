@@ -1,4 +1,4 @@
-"""Engines ``vi`` and ``map-svi``: variational inference (and its MAP special case) with Pyro's SVI machinery.
+"""Engines ``vi-pyro`` and ``map-svi``: variational inference (and its MAP special case) with Pyro's SVI machinery.
 
 The guide is Pyro's ``AutoNormal`` (mean-field Normal over θ and log λ: VI) or ``AutoDelta`` (a point: MAP).
 Both start at θ = θ̄, λ = λ₀. Each step minimises the minibatch ELBO (``Trace_ELBO``, divided by N̂ to match the
@@ -125,7 +125,8 @@ class SVIKernel(Kernel):
             p.copy_(v)
 
 
-register(Engine("vi", "SVI with Pyro's AutoNormal guide (mean-field Normal over θ and log λ)",
+register(Engine("vi-pyro", "SVI with Pyro's AutoNormal guide (mean-field Normal over θ and log λ): the reference "
+                "of vi",
                 lambda s, options, e, seed: SVIKernel(s, options, "normal", e.vi_init_scale, seed), VIOptions,
                 kind="variational"))
 register(Engine("map-svi", "SVI with Pyro's AutoDelta guide: the MAP by Pyro's own machinery",
