@@ -250,6 +250,9 @@ class RunConfig:
                                                  "validation NLL (regression: best validation score) is kept")
     ensemble_n_hat: float | None = option(None, "sgld ensemble: effective data size N̂ (default: the training set "
                                           "size |D|)")
+    ensemble_prior_scale: float | list[float] = option(1.0, "sgld ensemble: multiplies both prior scales σ_δ and "
+                                                       "σ_h; a list (1,3,10) is a grid, like --ensemble-gamma (the "
+                                                       "grid is every γ with every scale)")
     ensemble_prior_sd: float | None = option(None, "sgld ensemble: prior scale σ of δ ~ N(0, σ²) (default: the RMS "
                                              "of the point estimate's δ)")
     ensemble_head_prior_sd: float | None = option(None, "sgld ensemble: prior scale of the head (default: the RMS of "
@@ -322,9 +325,10 @@ class RunConfig:
         check_at_least_one(self, "ensemble_thin")
         if self.ensemble_burnin < 0:
             raise ValueError(f"ensemble_burnin: must be an integer >= 0, got {self.ensemble_burnin!r}")
-        check_positive(self, "ensemble_lr", "ensemble_gamma")
-        if isinstance(self.ensemble_gamma, list) and "sgld" in self.ensemble and not self.validation_fraction > 0:
-            raise ValueError("ensemble_gamma: a grid is chosen on the validation split; set --validation-fraction > 0")
+        check_positive(self, "ensemble_lr", "ensemble_gamma", "ensemble_prior_scale")
+        for name in ("ensemble_gamma", "ensemble_prior_scale"):
+            if isinstance(getattr(self, name), list) and "sgld" in self.ensemble and not self.validation_fraction > 0:
+                raise ValueError(f"{name}: a grid is chosen on the validation split; set --validation-fraction > 0")
         for name in ("ensemble_n_hat", "ensemble_prior_sd", "ensemble_head_prior_sd"):
             if getattr(self, name) is not None:
                 check_positive(self, name)

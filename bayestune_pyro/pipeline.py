@@ -203,9 +203,9 @@ def _temperature(s, tuner, outputs: torch.Tensor, labels: torch.Tensor) -> dict 
 def _ensemble(s, kind: str, tuner, identity: tuple, progress: bool) -> tuple[SparseDelta, dict]:
     """The run's ensemble of ``kind`` (``finetune.ensemble``) from the point estimate the tuner holds: its members as
     one sparse delta, and what metrics.json reports of it (the test split's scores of its mean predictive, the
-    validation scores, the reliability table, the prior and γ it sampled under, seconds). A γ grid samples one
-    ensemble per γ and keeps the lowest validation NLL (regression: the best validation score); ``grid`` records
-    every point. The tuner is left at the point estimate."""
+    validation scores, the reliability table, the prior and γ it sampled under, seconds). A grid of γ and prior
+    scales samples one ensemble per point and keeps the lowest validation NLL (regression: the best validation
+    score); ``grid`` records every point. The tuner is left at the point estimate."""
     device, spec, point = s.lifted.theta_bar.device, s.task.spec, tuner.state()
     candidates = []  # (members' states, report) per setting
     for config in s.ensemble_configs(kind):
@@ -213,7 +213,7 @@ def _ensemble(s, kind: str, tuner, identity: tuple, progress: bool) -> tuple[Spa
         if config.kind == "sgld":
             states, info = sgld_members(tuner, s.train_batches(s.config.seed + 1), config, len(s.task.train),
                                         s.config.seed, progress)
-            info["gamma"] = config.gamma
+            info.update(gamma=config.gamma, prior_scale=config.prior_scale)
         else:
             states = deep_members(tuner, s.train_batches, tuner.config, s.validator(), config.size, s.config.seed,
                                   s.task.target_mean, progress)
@@ -226,7 +226,8 @@ def _ensemble(s, kind: str, tuner, identity: tuple, progress: bool) -> tuple[Spa
         candidates.append((states, report))
     states, report = min(candidates, key=lambda c: _validation_loss(c[1], spec))
     if len(candidates) > 1:
-        report["grid"] = [{"gamma": r["gamma"], "validation": r["validation"]} for _, r in candidates]
+        report["grid"] = [{"gamma": r["gamma"], "prior_scale": r["prior_scale"], "validation": r["validation"]}
+                          for _, r in candidates]
         report["seconds"] = sum(r["seconds"] for _, r in candidates)
     scores, reliability = score(*predictive(tuner, states, s.test_loader(), spec, device), spec,
                                 probabilities=not spec.is_regression)

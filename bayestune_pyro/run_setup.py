@@ -42,11 +42,13 @@ class Setup:
                             eval_every=c.eval_every)
 
     def ensemble_configs(self, kind: str) -> list[EnsembleConfig]:
-        """The ensemble of ``kind``'s settings: one per γ of the sgld grid (``deep`` has one)."""
+        """The ensemble of ``kind``'s settings: one per (γ, prior scale) of the sgld grid (``deep`` has one)."""
         c = self.config
-        gammas = values_of(c.ensemble_gamma) if kind == "sgld" else [1.0]
-        return [EnsembleConfig(kind, c.ensemble_size, c.ensemble_burnin, c.ensemble_thin, c.ensemble_lr, gamma,
-                               c.ensemble_n_hat, c.ensemble_prior_sd, c.ensemble_head_prior_sd) for gamma in gammas]
+        common = (kind, c.ensemble_size, c.ensemble_burnin, c.ensemble_thin, c.ensemble_lr)
+        if kind != "sgld":
+            return [EnsembleConfig(*common)]
+        return [EnsembleConfig(*common, gamma, c.ensemble_n_hat, c.ensemble_prior_sd, c.ensemble_head_prior_sd, scale)
+                for gamma in values_of(c.ensemble_gamma) for scale in values_of(c.ensemble_prior_scale)]
 
     def train_batches(self, seed: int | None = None):
         """Shuffled training batches, epoch after epoch (order seeded by ``seed``, default the run's seed)."""

@@ -167,29 +167,35 @@ def test_run_writes_ensembles_whose_members_give_the_reported_predictive(tmp_pat
     assert all(torch.equal(point.updates[n][1], v[0]) for n, (_, v) in deep.updates.items())  # member 0: the point
 
 
-def test_sgld_gamma_grid_keeps_the_lowest_validation_nll(tmp_path):
-    """``--ensemble-gamma 0.1,1`` samples one ensemble per γ, records both validation NLLs, keeps the lower one, and
-    the kept ensemble is the one a run at that single γ samples (same test NLL, same members)."""
+def test_sgld_grid_keeps_the_lowest_validation_nll(tmp_path):
+    """``--ensemble-gamma 0.1,1 --ensemble-prior-scale 1,10`` samples one ensemble per (γ, scale), records every
+    validation NLL, keeps the lowest, and the kept ensemble is the one a run at that single point samples (same
+    test scores, same members)."""
     common = [*TINY_TEXT, "--p", "0.01", "--validation-fraction", "0.25", "--ensemble", "sgld", "--ensemble-size",
               "2", "--ensemble-burnin", "2", "--ensemble-thin", "2", "--ensemble-lr", "3e-2"]
-    assert main(["run", "--out", str(tmp_path / "grid"), *common, "--ensemble-gamma", "0.1,1"]) == 0
+    assert main(["run", "--out", str(tmp_path / "grid"), *common, "--ensemble-gamma", "0.1,1",
+                 "--ensemble-prior-scale", "1,10"]) == 0
     ensemble = json.loads((tmp_path / "grid" / "metrics.json").read_text())["ensembles"]["sgld"]
-    nll = {point["gamma"]: point["validation"]["nll"] for point in ensemble["grid"]}
-    assert set(nll) == {0.1, 1.0} and nll[0.1] != nll[1.0]
-    assert ensemble["gamma"] == min(nll, key=nll.get) and ensemble["validation"]["nll"] == min(nll.values())
-    chosen = str(ensemble["gamma"])
-    assert main(["run", "--out", str(tmp_path / "one"), *common, "--ensemble-gamma", chosen]) == 0
+    nll = {(point["gamma"], point["prior_scale"]): point["validation"]["nll"] for point in ensemble["grid"]}
+    assert set(nll) == {(0.1, 1.0), (0.1, 10.0), (1.0, 1.0), (1.0, 10.0)} and len(set(nll.values())) == 4
+    chosen = min(nll, key=nll.get)
+    assert (ensemble["gamma"], ensemble["prior_scale"]) == chosen and ensemble["validation"]["nll"] == nll[chosen]
+    assert main(["run", "--out", str(tmp_path / "one"), *common, "--ensemble-gamma", str(chosen[0]),
+                 "--ensemble-prior-scale", str(chosen[1])]) == 0
     single = json.loads((tmp_path / "one" / "metrics.json").read_text())["ensembles"]["sgld"]
     assert "grid" not in single and single["test"] == ensemble["test"]
+    assert single["prior_sd"] == ensemble["prior_sd"]
     grid_members = SparseDelta.load(tmp_path / "grid" / "ensemble-sgld.safetensors").updates
     one_members = SparseDelta.load(tmp_path / "one" / "ensemble-sgld.safetensors").updates
     assert all(torch.equal(grid_members[n][1], one_members[n][1]) for n in one_members)
 
 
-def test_an_ensemble_gamma_grid_needs_a_validation_split(capsys):
-    assert main(["run", "--out", "unused", "--backbone", "tiny-bert", "--ensemble", "sgld", "--ensemble-gamma",
+@pytest.mark.parametrize("name", ["gamma", "prior-scale"])
+def test_an_ensemble_grid_needs_a_validation_split(capsys, name):
+    assert main(["run", "--out", "unused", "--backbone", "tiny-bert", "--ensemble", "sgld", f"--ensemble-{name}",
                  "0.1,1", "--validation-fraction", "0"]) == 2
-    assert "ensemble_gamma: a grid is chosen on the validation split" in capsys.readouterr().err
+    field = "ensemble_" + name.replace("-", "_")
+    assert f"{field}: a grid is chosen on the validation split" in capsys.readouterr().err
 
 
 def test_an_ensemble_needs_a_masked_method(capsys):

@@ -294,14 +294,17 @@ def _stage2(metrics: dict | None, mask: Mask) -> tuple[str, str | None, str]:
 
 
 def _grid_points(grid: list[dict]) -> str:
-    """An ensemble's γ grid in one line: each γ with its validation NLL (regression: validation scores)."""
-    return "; ".join(f"γ {p['gamma']:g}: " + (f"NLL {p['validation']['nll']:.4g}" if "nll" in p["validation"] else
-                                               ", ".join(f"{k} {v:.4g}" for k, v in p["validation"].items()))
+    """An ensemble's grid in one line: each (γ, prior scale) with its validation NLL (regression: validation scores)."""
+    def scores(validation: dict) -> str:
+        if "nll" in validation:
+            return f"NLL {validation['nll']:.4g}"
+        return ", ".join(f"{k} {v:.4g}" for k, v in validation.items())
+    return "; ".join(f"γ {p['gamma']:g}, prior × {p.get('prior_scale', 1.0):g}: {scores(p['validation'])}"
                      for p in grid)
 
 
 def _ensemble_title(kind: str, ensemble: dict) -> str:
-    gamma = f" (γ = {ensemble['gamma']:g})" if "gamma" in ensemble else ""
+    gamma = f" (γ = {ensemble['gamma']:g}, prior × {ensemble.get('prior_scale', 1.0):g})" if "gamma" in ensemble else ""
     return f"{kind} ensemble of {ensemble['size']}{gamma}"
 
 

@@ -2,10 +2,10 @@
 mean of their predictive distributions (softmax probabilities; a regression's outputs).
 
 - ``sgld``, the Bayesian stage 2: from the point estimate, the SGLD kernel (``optim.GaussianSGLD``, rmsprop frozen
-  after burn-in) samples (δ, head) at N̂ = |D| and temperature γ² under δ_i ~ N(0, σ_δ²) and head ~ N(0, σ_h²); σ
-  defaults to the root mean square of the point estimate's δ and head (empirical Bayes). After ``burnin`` steps,
-  every ``thin``-th state of the next S·thin is a member. The network runs without dropout, so the likelihood is the
-  one the ensemble predicts with.
+  after burn-in) samples (δ, head) at N̂ = |D| and temperature γ² under δ_i ~ N(0, σ_δ²) and head ~ N(0, σ_h²);
+  σ defaults to the root mean square of the point estimate's δ and head (empirical Bayes), times ``prior_scale``.
+  After ``burnin`` steps, every ``thin``-th state of the next S·thin is a member. The network runs without dropout,
+  so the likelihood is the one the ensemble predicts with.
 - ``deep``: S point estimates of the same mask, the run's own and S − 1 refits from fresh heads and data orders
   (seeds seed + 1, …), each with the run's stage 2 and validation selection; the storage of ``sgld``, S× its cost.
 
@@ -35,8 +35,9 @@ class EnsembleConfig:
     lr: float = 1e-4
     gamma: float = 1.0
     n_hat: float | None = None  # None: |D|
-    prior_sd: float | None = None  # σ_δ; None: the RMS of the point estimate's δ
-    head_prior_sd: float | None = None  # σ_h; None: the RMS of the point estimate's head
+    prior_sd: float | None = None  # σ_δ / scale; None: the RMS of the point estimate's δ
+    head_prior_sd: float | None = None  # σ_h / scale; None: the RMS of the point estimate's head
+    prior_scale: float = 1.0  # multiplies σ_δ and σ_h
 
 
 def rms(tensors: list[torch.Tensor]) -> float:
@@ -51,8 +52,9 @@ def sgld_members(tuner: SparseFineTuner, batches: Iterator[dict], config: Ensemb
     tuner is left at its point estimate, with fresh optimizers."""
     point = tuner.state()
     head = tuner.lifted.head_parameters()
-    info = {"n_hat": config.n_hat or float(n_train), "prior_sd": config.prior_sd or rms([tuner.delta]),
-            "head_prior_sd": config.head_prior_sd or rms(head)}
+    info = {"n_hat": config.n_hat or float(n_train),
+            "prior_sd": config.prior_scale * (config.prior_sd or rms([tuner.delta])),
+            "head_prior_sd": config.prior_scale * (config.head_prior_sd or rms(head))}
     if not (info["prior_sd"] > 0 and info["head_prior_sd"] > 0):
         raise ValueError("ensemble_prior_sd: the point estimate's δ or head is all zeros, so it sets no prior scale; "
                          "give --ensemble-prior-sd and --ensemble-head-prior-sd")
