@@ -50,8 +50,8 @@ def _hints(cls: type) -> dict[str, Any]:
 
 def coerce(name: str, hint, value):
     """``value`` (YAML or command line) as the declared type ``hint``, or a one-line error naming the field."""
-    if isinstance(value, str) and value.strip().lower() in ("none", "null"):
-        value = None
+    if isinstance(value, str) and value.strip().lower() in ("none", "null") and type(None) in typing.get_args(hint):
+        value = None  # "none" is null only where null is allowed (--preconditioner none is a value)
     if isinstance(value, str) and "," in value and typing.get_origin(hint) in (typing.Union, type(int | str)):
         value = [v.strip() for v in value.split(",")]  # a comma list for a field that takes one (a grid)
     if isinstance(value, str) and typing.get_origin(hint) is list:

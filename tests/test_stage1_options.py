@@ -175,6 +175,12 @@ def test_grid_values_come_from_comma_lists():
         RunConfig.from_dict({"gamma": "1e-4,high"})
 
 
+def test_none_is_null_only_where_null_is_allowed():
+    """``--preconditioner none`` names plain SGLD; ``--clip-norm none`` unsets an optional number."""
+    config = RunConfig.from_dict({"preconditioner": "none", "clip_norm": "none", "stage2_head_lr": "None"})
+    assert config.preconditioner == "none" and config.clip_norm is None and config.stage2_head_lr is None
+
+
 def test_a_bench_written_before_the_new_options_resumes_with_their_old_values(tmp_path):
     """A bench.yaml of an earlier version is one flat record without the options added since; they meant the
     behaviour of the code at the time (``LEGACY``)."""
