@@ -203,9 +203,30 @@ def _prepare_out(config: RunConfig, out: Path, overwrite: bool) -> Path | None:
     return replaced
 
 
+def _stage1_data_parallel(args: argparse.Namespace, pipeline) -> dict | None:
+    """``bayestune stage1`` under ``torchrun``: rank 0 prepares RUN, every rank runs the chain on its share of each
+    minibatch (``inference.distributed``), rank 0 writes; the other ranks print nothing."""
+    from .inference import distributed
+
+    if args.overwrite:
+        raise ValueError("overwrite: not under torchrun; remove the old run first, or choose another --out")
+    config = resolve_config(args)
+    out = Path(args.out or f"runs/{config.task}")
+    distributed.init_from_env(config.device)
+    if distributed.is_writer():
+        _prepare_out(config, out, overwrite=False)
+        pipeline.write_config(config, out)
+    distributed.barrier()
+    pipeline.stage1(config, out)
+    return {"posterior": str(out / "posterior.safetensors"), "ranks": distributed.size()} \
+        if distributed.is_writer() else None
+
+
 def _command(args: argparse.Namespace) -> dict | None:
     from . import pipeline  # heavy imports only once the arguments are known to be sane
 
+    if args.command == "stage1" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _stage1_data_parallel(args, pipeline)
     if args.command in ("run", "stage1"):
         config = resolve_config(args)
         out = Path(args.out or f"runs/{config.task}")
@@ -322,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bayestune: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
+    if result is None:  # a torchrun rank other than 0
+        return 0
     try:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     except BrokenPipeError:  # e.g. `bayestune list | head`: the reader is gone, which is not an error

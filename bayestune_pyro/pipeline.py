@@ -35,6 +35,7 @@ from .finetune.delta import SparseDelta
 from .finetune.ensemble import deep_members, predictive, sgld_members
 from .finetune.evaluate import predict, score
 from .finetune.stage2 import fit
+from .inference import distributed
 from .inference.driver import CHECKPOINT, checkpoint_chain, run_chain
 from .inference.posterior import StreamingPosterior
 from .io import atomic_path, read_json, write_json, write_yaml
@@ -61,8 +62,11 @@ def stage1(config: RunConfig, run_dir: str | os.PathLike, progress: bool = True)
                          f"{config.method!r}; use `bayestune run`")
     config.single("stage 1")
     run_dir = Path(run_dir)
-    s = setup(config)
     options, engine = config.options, ENGINES.get(config.inference)
+    if distributed.size() > 1 and not engine.data_parallel:
+        raise ValueError(f"inference: engine {engine.name!r} does not average its gradient over torchrun's ranks; "
+                         "run it in one process, or use sgld, sghmc, map, noisy-adam or vi")
+    s = setup(config)
     estimator = options.lambda_estimator or ("rao-blackwell" if engine.sampler else "draws")
     # the tracked subset is seeded by 0, not the run's seed, so separately run chains can be merged
     posterior = StreamingPosterior(s.lifted.layout, chains=options.chains, n_tracked=options.n_tracked,
@@ -73,13 +77,16 @@ def stage1(config: RunConfig, run_dir: str | os.PathLike, progress: bool = True)
         seed = config.seed + chain
         init_head(s.lifted.backbone, seed, s.task.target_mean)
         kernel = engine.kernel(s, options, config.engine_options, seed)
-        run_chain(kernel, s.train_batches(seed), config.schedule(), posterior, engine=engine.name, chain=chain,
-                  device=s.lifted.theta_bar.device, checkpoint_dir=run_dir,
+        run_chain(kernel, distributed.shard(s.train_batches(seed)), config.schedule(), posterior,
+                  engine=engine.name, chain=chain, device=s.lifted.theta_bar.device, checkpoint_dir=run_dir,
                   checkpoint_every=options.checkpoint_every, progress=progress)
-    posterior.save(run_dir, {"backbone": config.backbone, "seconds": time.perf_counter() - start,
-                             "n_train": len(s.task.train), "inference": config.inference,
-                             "seeds": [config.seed + c for c in range(options.chains)]})
-    (run_dir / CHECKPOINT).unlink(missing_ok=True)
+    if distributed.is_writer():
+        posterior.save(run_dir, {"backbone": config.backbone, "seconds": time.perf_counter() - start,
+                                 "n_train": len(s.task.train), "inference": config.inference,
+                                 "seeds": [config.seed + c for c in range(options.chains)],
+                                 "ranks": distributed.size()})
+        (run_dir / CHECKPOINT).unlink(missing_ok=True)
+    distributed.barrier()  # every rank returns once the posterior is on disk
     return posterior
 
 

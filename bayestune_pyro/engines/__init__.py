@@ -26,6 +26,7 @@ class Engine:
     options: type[Options] | None = None
     kind: str = "sampler"  # sampler (draws at temperature γ²), point (an optimum), variational, heuristic
     lambda_space: str = "log"  # the parameterisation of λ its states use (the Gibbs step needs "log")
+    data_parallel: bool = True  # its gradient comes from the fast Potential, which averages it over torchrun's ranks
 
     def __post_init__(self):
         if self.kind not in KINDS:

@@ -128,6 +128,7 @@ class SVIKernel(Kernel):
 register(Engine("vi-pyro", "SVI with Pyro's AutoNormal guide (mean-field Normal over θ and log λ): the reference "
                 "of vi",
                 lambda s, options, e, seed: SVIKernel(s, options, "normal", e.vi_init_scale, seed), VIOptions,
-                kind="variational"))
+                kind="variational", data_parallel=False))
 register(Engine("map-svi", "SVI with Pyro's AutoDelta guide: the MAP by Pyro's own machinery",
-                lambda s, options, e, seed: SVIKernel(s, options, "delta", 0.0, seed), kind="point"))
+                lambda s, options, e, seed: SVIKernel(s, options, "delta", 0.0, seed), kind="point",
+                data_parallel=False))

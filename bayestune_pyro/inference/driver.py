@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..config import Schedule
 from ..io import load_state, save_state, state_header
+from . import distributed
 from .posterior import StreamingPosterior
 
 CHECKPOINT = "stage1.ckpt"
@@ -94,7 +95,8 @@ def run_chain(kernel: Kernel, batches: Iterator[dict], schedule: Schedule, poste
         next(batches)
     try:
         bad = torch.zeros((), dtype=torch.bool, device=device)
-        bar = tqdm(range(start, schedule.steps), initial=start, total=schedule.steps, disable=not progress,
+        bar = tqdm(range(start, schedule.steps), initial=start, total=schedule.steps,
+                   disable=not (progress and distributed.is_writer()),
                    desc=f"stage 1 {engine} (chain {chain})", dynamic_ncols=True)
         for step in bar:
             phase = schedule.phase(step)
@@ -112,7 +114,8 @@ def run_chain(kernel: Kernel, batches: Iterator[dict], schedule: Schedule, poste
                     raise NonFiniteError(f"stage 1: loss became NaN/inf at or before step {step} ({phase}){where}; "
                                          f"{kernel.hint}")
                 bar.set_postfix(phase=phase, loss=f"{loss.item():.4f}", samples=posterior.counts[chain])
-            if ckpt_path is not None and ((step + 1) % checkpoint_every == 0 or last):  # last: the chain is done
+            if ckpt_path is not None and distributed.is_writer() and ((step + 1) % checkpoint_every == 0 or last):
+                # last: the chain is done; under torchrun the ranks hold the same state and rank 0 writes it
                 _save(ckpt_path, step + 1, kernel, posterior, engine, chain)
         bar.close()
         kernel.finish(posterior, chain)

@@ -25,6 +25,7 @@ from pyro.distributions import constraints
 from pyro.distributions.transforms import biject_to
 
 from ..models.gamma_laplace import LAMBDA_FLOOR, LAMBDA_SPACES, GammaLaplaceModel
+from . import distributed
 
 LATENT_SITES = ("theta", "lambda")
 
@@ -119,13 +120,17 @@ class Potential:
         # only the observation site's density is evaluated here, so λ's value is irrelevant: a free placeholder
         nll = self._nll(self._trace({"theta": z["theta"], "lambda": self.placeholder}, batch))
         nll.backward()
+        nll = nll.detach()
+        if distributed.size() > 1:  # data parallelism: the global minibatch's mean over the ranks' slices
+            head = [p.grad for p in self.model.lifted.head_parameters() if p.grad is not None]
+            distributed.average_([grads["theta"], nll, *head], len(batch["labels"]))
         if self.clip_likelihood is not None:
             torch.nn.utils.clip_grad_norm_(self.model.lifted.model.parameters(), self.clip_likelihood)
         if not with_prior:
-            return nll.detach(), {"theta": grads["theta"]}
+            return nll, {"theta": grads["theta"]}
         self.model.prior_grad_(z["theta"], z["lambda"], grads["theta"], grads["lambda"], 1.0 / self.model.n_hat,
                                self.work, self.jacobian, self.lambda_space)
-        return nll.detach(), grads
+        return nll, grads
 
     @torch.no_grad()
     def log_joint(self, z: dict[str, torch.Tensor], nll: torch.Tensor) -> torch.Tensor:
