@@ -121,6 +121,31 @@ def test_deep_members_restart_from_zero_with_fresh_heads_and_optimizers():
     assert torch.equal(tuner.state()["delta"], point["delta"])
 
 
+class DropoutTwoClass(TwoClass):
+    """TwoClass with dropout on the inputs, so training draws from the global generator."""
+
+    def forward(self, x):
+        return super().forward(nn.functional.dropout(x, 0.5, self.training))
+
+
+def test_deep_members_do_not_depend_on_what_drew_from_the_global_generator_before():
+    """Each refit seeds its dropout: the same members whether or not something (an evaluation loader, another
+    ensemble) drew random numbers first."""
+    train, _ = toy_data()
+    runs = []
+    for draws_before in (0, 5):
+        lifted = LiftedBackbone(Backbone(DropoutTwoClass(), head_names=["b"], kind="tensor", source="toy"))
+        loss = lambda out, labels: nn.functional.cross_entropy(out, labels)  # noqa: E731
+        tuner = SparseFineTuner(lifted, torch.tensor(MASK), loss, Stage2Config(steps=20, lr=0.05, head_lr=0.05))
+        torch.rand(draws_before)
+        states = deep_members(tuner, lambda seed: itertools.repeat(train), tuner.config, None, size=3, seed=7,
+                              progress=False)
+        runs.append(states)
+    for a, b in zip(*runs):
+        assert torch.equal(a["delta"], b["delta"])
+    assert not torch.equal(runs[0][1]["delta"], runs[0][2]["delta"])  # the members differ from each other
+
+
 def test_gaussian_sgld_samples_the_prior_without_data():
     """No likelihood (zero gradients): plain SGLD on N(0, σ²) at temperature γ² has variance γ²σ² in equilibrium."""
     p = nn.Parameter(torch.zeros(20_000))

@@ -84,11 +84,13 @@ def deep_members(tuner: SparseFineTuner, fresh: Callable[[int], Iterator[dict]],
                  validate: Callable | None, size: int, seed: int, target_mean: float | None = None,
                  progress: bool = True) -> list[dict]:
     """The point estimate the tuner holds and S − 1 refits of the same mask: member m starts from δ = 0 and a head
-    initialised with seed + m, and trains on ``fresh(seed + m)``'s batches; the tuner is left at its point estimate."""
+    initialised with seed + m, and trains on ``fresh(seed + m)``'s batches with dropout seeded by seed + m; the tuner
+    is left at its point estimate."""
     point = tuner.state()
     states = [point]
     for m in range(1, size):
         init_head(tuner.lifted.backbone, seed + m, target_mean)
+        torch.manual_seed(seed + m)  # its dropout stream: whatever drew from the global generator before, it repeats
         start = tuner.state()
         start["delta"].zero_()
         tuner.load_state(start)
