@@ -9,8 +9,9 @@ closed form), and hands Adam the gradient of the one-draw ELBO loss (U(z) + log 
     ∂/∂μ = g,        ∂/∂ρ = g ⊙ ε ⊙ σ − 1/N̂.
 
 That is Pyro's ``Trace_ELBO`` gradient for the same guide and draw (tested against it), without a Pyro trace over
-d-sized sites or autograd through the guide. Per covered coordinate it keeps μ and ρ of both sites, Adam's two
-moments of each, z, g and ε (which becomes ρ's gradient in place): 14 floats, plus θ̄ and the prior's work buffers.
+d-sized sites or autograd through the guide. Per covered coordinate it keeps μ and ρ of both sites (4), Adam's two
+moments of each (8), z, g and ε (2 each; ε becomes ρ's gradient in place): 18 floats, plus θ̄ and the prior's three
+work buffers.
 ``vi-pyro`` is the same inference through Pyro's SVI machinery (``engines/svi.py``), the reference.
 
 What reaches the :class:`StreamingPosterior` is what ``vi-pyro`` gives: the guide's closed-form moments of λ, and
