@@ -61,7 +61,7 @@ def stage1(batches):
     model = GammaLaplaceModel(lifted)
     potential = Potential(model)
     z = potential.init(1e-4)
-    kernel = SGLD(SGLDConfig(), z, torch.Generator().manual_seed(0))
+    kernel = SGLD(SGLDConfig(), z, torch.Generator().manual_seed(0), workspace=potential.work)
     head_opt = torch.optim.Adam(lifted.head_parameters(), lr=1e-3)
     posterior = StreamingPosterior(lifted.layout, estimator="rao-blackwell")
     conditional = LambdaConditional(model.alpha, model.beta)

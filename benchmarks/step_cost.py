@@ -52,7 +52,8 @@ def sgld(batches, preconditioner: str = "rmsprop", gamma: float = 1.0, jacobian:
     lifted.model.train()
     potential = Potential(GammaLaplaceModel(lifted), jacobian=jacobian)
     z = potential.init(1e-4)
-    kernel = SGLD(SGLDConfig(preconditioner=preconditioner, gamma=gamma), z, torch.Generator().manual_seed(0))
+    kernel = SGLD(SGLDConfig(preconditioner=preconditioner, gamma=gamma), z, torch.Generator().manual_seed(0),
+                  workspace=potential.work)  # as the engines do: the prior's work buffers are free between steps
     head_opt = torch.optim.Adam(lifted.head_parameters(), lr=1e-3)
     lrs = {"theta": 1e-4, "lambda": 1e-2}
 

@@ -28,12 +28,12 @@ class SGHMC(SGLD):
     """The SGHMC update of flat sites; one momentum buffer per site beside the preconditioner's."""
 
     def __init__(self, config: SGLDConfig, sites: dict[str, torch.Tensor], generator: torch.Generator,
-                 friction: float = 0.1):
+                 workspace: tuple[torch.Tensor, torch.Tensor] | None = None, friction: float = 0.1):
         if config.preconditioner not in ("none", "rmsprop"):
             raise ValueError(f"preconditioner: sghmc takes none or rmsprop, got {config.preconditioner!r}")
         if not 0 < friction <= 1:
             raise ValueError(f"friction: must be in (0, 1], got {friction!r}")
-        super().__init__(config, sites, generator)
+        super().__init__(config, sites, generator, workspace)
         self.friction = friction
         for k, z in sites.items():
             self.state[k]["momentum"] = torch.zeros_like(z)

@@ -81,7 +81,8 @@ class LangevinKernel(Kernel):
         self.potential, self.gibbs, self.lifted = potential, gibbs, s.lifted
         self.z = potential.init(options.lambda_init)
         self.generator = torch.Generator(device=s.lifted.theta_bar.device).manual_seed(seed)
-        self.update = rule(config, self.z, self.generator)
+        # the update's noise and scratch buffers are the potential's workspace, free between gradients
+        self.update = rule(config, self.z, self.generator, workspace=potential.work)
         self.lrs = {"theta": options.lr, "lambda": options.lr_lambda}
         self.conditional = None  # E[λ | θ] and its sampler, built on first use
         self.head = self.lifted.head_parameters()
@@ -119,10 +120,13 @@ class LangevinKernel(Kernel):
     @torch.no_grad()
     def collect(self, posterior: StreamingPosterior, chain: int, batch: dict, loss: torch.Tensor) -> None:
         z, potential = self.z, self.potential
-        delta = z["theta"] - self.lifted.theta_bar
-        lam_rb = self._conditional().mean(delta.abs()) if posterior.estimator == "rao-blackwell" else None
-        posterior.update(chain, potential.lam(z), delta, {"loss": loss, "log_joint": potential.log_joint(z, loss)},
-                         lam_rb)
+        delta, lam, lam_rb = potential.work  # free between gradients
+        torch.sub(z["theta"], self.lifted.theta_bar, out=delta)
+        if posterior.estimator == "rao-blackwell":
+            self._conditional().mean(torch.abs(delta, out=lam_rb), out=lam_rb)
+        posterior.update(chain, potential.lam(z, out=lam), delta,
+                         {"loss": loss, "log_joint": potential.log_joint(z, loss)},
+                         lam_rb if posterior.estimator == "rao-blackwell" else None)
 
     def release(self) -> None:
         self.potential.release()

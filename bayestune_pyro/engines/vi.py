@@ -24,6 +24,7 @@ import math
 import torch
 
 from ..inference.driver import Kernel
+from ..inference.noise import GaussianNoise
 from ..inference.posterior import StreamingPosterior
 from ..inference.potential import Potential
 from . import Engine, register
@@ -35,7 +36,7 @@ class MeanField:
 
     def __init__(self, potential: Potential, z: dict[str, torch.Tensor], init_scale: float,
                  generator: torch.Generator):
-        self.potential, self.z, self.generator = potential, z, generator
+        self.potential, self.z, self.noise = potential, z, GaussianNoise(generator)
         self.loc = {k: torch.nn.Parameter(v.detach().clone()) for k, v in z.items()}
         self.rho = {k: torch.nn.Parameter(torch.full_like(v, math.log(init_scale))) for k, v in z.items()}
         self.eps = {k: torch.empty_like(v) for k, v in z.items()}
@@ -49,7 +50,7 @@ class MeanField:
         scale = self.potential.work[0]
         for k, z in self.z.items():
             if eps is None:
-                self.eps[k].normal_(generator=self.generator)
+                self.noise.normal_(self.eps[k])
             else:
                 self.eps[k].copy_(eps[k])
             torch.addcmul(self.loc[k], torch.exp(self.rho[k], out=scale), self.eps[k], out=z)
@@ -81,8 +82,8 @@ class MeanFieldKernel(Kernel):
     def __init__(self, s, options, init_scale: float, seed: int):
         self.lifted, self.potential = s.lifted, Potential(s.model)
         self.z = self.potential.init(options.lambda_init)
-        self.generator = torch.Generator(device=self.z["theta"].device).manual_seed(seed)
-        self.q = MeanField(self.potential, self.z, init_scale, self.generator)
+        generator = torch.Generator(device=self.z["theta"].device).manual_seed(seed)
+        self.q = MeanField(self.potential, self.z, init_scale, generator)
         self.head = self.lifted.head_parameters()
         self.opt = torch.optim.Adam([{"params": self.q.parameters("theta"), "lr": options.lr},
                                      {"params": self.q.parameters("lambda"), "lr": options.lr_lambda},
@@ -115,7 +116,7 @@ class MeanFieldKernel(Kernel):
     def state_dict(self) -> dict:
         return {"loc": {k: v.detach() for k, v in self.q.loc.items()},
                 "rho": {k: v.detach() for k, v in self.q.rho.items()}, "opt": self.opt.state_dict(),
-                "head": [p.detach() for p in self.head], "generator": self.generator.get_state()}
+                "head": [p.detach() for p in self.head], "noise": self.q.noise.state_dict()}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
@@ -125,7 +126,7 @@ class MeanFieldKernel(Kernel):
         self.opt.load_state_dict(state["opt"])
         for p, v in zip(self.head, state["head"]):
             p.copy_(v)
-        self.generator.set_state(state["generator"])
+        self.q.noise.load_state_dict(state.get("noise"))
 
 
 register(Engine("vi", "mean-field Normal VI over θ and log λ on flat buffers (Pyro's AutoNormal, one draw per "

@@ -61,11 +61,11 @@ class Potential:
         return z
 
     @torch.no_grad()
-    def lam(self, z: dict[str, torch.Tensor]) -> torch.Tensor:
-        """λ of the state z (a new tensor)."""
+    def lam(self, z: dict[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+        """λ of the state z (into ``out``, else a new tensor)."""
         if self.lambda_space == "log":
-            return z["lambda"].exp()
-        return z["lambda"].clamp(min=LAMBDA_FLOOR)
+            return torch.exp(z["lambda"], out=out)
+        return torch.clamp(z["lambda"], min=LAMBDA_FLOOR, out=out)
 
     def release(self) -> None:
         """Give the network back its pretrained θ̄ (undo the binding of fast mode)."""

@@ -10,9 +10,10 @@ negative log prior. With the paper's step η = 2·lr/N̂, eq. 5  z ← z + (η/2
 After :meth:`SGLD.freeze` (the sgld engine calls it when sampling starts, if ``freeze_preconditioner``) G stops
 adapting: the kernel is then exact SGLD with a constant preconditioner, and no Γ term is dropped.
 
-ξ ~ N(0, I); γ is the noise discount (temperature T = γ²; γ = 0 is MAP/optimisation). Each site has its own lr
-(θ: 1e-4, log λ: 1e-2 by default). Work per step is a fixed number of whole-tensor kernels per site: no Python
-loops over coordinates and no host syncs.
+ξ ~ N(0, I) (:class:`GaussianNoise`: parallel streams on CPU); γ is the noise discount (temperature T = γ²; γ = 0
+is MAP/optimisation). Each site has its own lr (θ: 1e-4, log λ: 1e-2 by default). Work per step is a fixed number
+of whole-tensor kernels per site (one for rmsprop on large sites: ``inference.fused``): no Python loops over
+coordinates and no host syncs.
 """
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from . import fused
+from .noise import GaussianNoise
 
 PRECONDITIONERS = ("none", "rmsprop", "adam")
 
@@ -53,18 +57,24 @@ class SGLD:
     """Stateful Langevin updates of a fixed set of flat sites (e.g. θ and log λ).
 
     Memory per covered coordinate and site: ``v`` (rmsprop) or ``m, v`` (adam); one noise and one scratch
-    buffer are shared by all sites, so a step allocates nothing of size d.
+    buffer serve all sites, so a step allocates nothing of size d. They are the caller's ``workspace`` (two
+    buffers at least as large as the largest site, free between steps: the potential's) or else allocated here.
     """
 
-    def __init__(self, config: SGLDConfig, sites: dict[str, torch.Tensor], generator: torch.Generator):
+    def __init__(self, config: SGLDConfig, sites: dict[str, torch.Tensor], generator: torch.Generator,
+                 workspace: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.config, self.generator = config, generator
+        self.noise = GaussianNoise(generator)
         moments = {"none": (), "rmsprop": ("v",), "adam": ("m", "v")}[config.preconditioner]
         self.state = {k: {m: torch.zeros_like(z, requires_grad=False) for m in moments} for k, z in sites.items()}
         self.steps = {k: 0 for k in sites}  # per site: log λ is frozen during warm-up
         self.frozen_at: dict[str, int] = {}  # per site: the step whose G is kept (see :meth:`freeze`)
         largest = max(sites.values(), key=torch.Tensor.numel)
-        self._noise = torch.empty(largest.numel(), dtype=largest.dtype, device=largest.device)
-        self._scratch = torch.empty_like(self._noise)
+        if workspace is None:
+            workspace = tuple(largest.new_empty(largest.numel()) for _ in range(2))
+        elif any(w.numel() < largest.numel() or w.dtype != largest.dtype for w in workspace[:2]):
+            raise ValueError(f"workspace: needs two {largest.dtype} buffers of at least {largest.numel()} elements")
+        self._noise, self._scratch = (w.view(-1) for w in workspace[:2])
 
     def freeze(self) -> None:
         """Stop adapting the rmsprop preconditioner: later steps use the G of the steps taken so far.
@@ -88,7 +98,7 @@ class SGLD:
         for k, g in grads.items():
             self.steps[k] += 1
             z = sites[k]
-            xi = self._noise[: z.numel()].view_as(z).normal_(generator=self.generator) if gamma > 0 else None
+            xi = self.noise.normal_(self._noise[: z.numel()]).view_as(z) if gamma > 0 else None
             work = self._scratch[: z.numel()].view_as(z)
             self._update(z, g, self.state[k], lrs[k], gamma, self.steps[k], xi, work, self.frozen_at.get(k))
 
@@ -99,10 +109,16 @@ class SGLD:
             if xi is not None:
                 z.add_(xi, alpha=gamma * math.sqrt(2.0 * lr / cfg.n_hat))
         elif cfg.preconditioner == "rmsprop":
+            adapt, t = frozen_at is None, t if frozen_at is None else frozen_at
+            root_c = math.sqrt(1.0 - cfg.rho**t)
+            diffusion = gamma * math.sqrt(2.0 * lr * root_c / cfg.n_hat)
+            if fused.rmsprop_langevin_(z, g, s["v"], xi, rho=cfg.rho, drift=lr * root_c, diffusion=diffusion,
+                                       eps_c=cfg.eps * root_c, adapt=adapt):
+                return
             precond, root_c = self.rmsprop(g, s, t, work, frozen_at)
             z.addcmul_(precond, g, value=-lr * root_c)
             if xi is not None:
-                z.addcmul_(precond.sqrt_(), xi, value=gamma * math.sqrt(2.0 * lr * root_c / cfg.n_hat))
+                z.addcmul_(precond.sqrt_(), xi, value=diffusion)
         else:  # adam on the noisy gradient, as the original implementation did
             if xi is not None:
                 g.add_(xi, alpha=gamma * math.sqrt(2.0 / (lr * cfg.n_hat)))
@@ -128,7 +144,7 @@ class SGLD:
 
     def state_dict(self) -> dict:
         return {"steps": dict(self.steps), "frozen_at": dict(self.frozen_at), "state": self.state,
-                "generator": self.generator.get_state()}
+                "generator": self.generator.get_state(), "noise": self.noise.state_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
         self.steps = dict(sd["steps"])
@@ -137,3 +153,4 @@ class SGLD:
             for name, t in buffers.items():
                 self.state[k][name].copy_(t)
         self.generator.set_state(sd["generator"])
+        self.noise.load_state_dict(sd.get("noise"))

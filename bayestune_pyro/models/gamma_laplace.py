@@ -16,6 +16,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from ..inference import fused
 from .lifted import LiftedBackbone
 
 LIKELIHOODS = ("categorical", "normal")
@@ -57,11 +58,12 @@ class GammaLaplaceModel:
 
     def log_prior(self, theta: torch.Tensor, log_lam: torch.Tensor) -> torch.Tensor:
         """log p(θ, λ) + log|dλ/d log λ| in closed form (the fast path; must agree with the trace)."""
-        lam = log_lam.exp()
         a, b = self.alpha, self.beta
-        gamma = a * math.log(b) - math.lgamma(a) + (a - 1) * log_lam - b * lam
-        laplace = -math.log(2.0) - log_lam - (theta - self.lifted.theta_bar).abs() / lam
-        return (gamma + laplace + log_lam).sum()
+        lam = log_lam.exp()
+        scaled = torch.sub(theta, self.lifted.theta_bar).abs_().div_(lam)  # |θ − θ̄|/λ; two d-sized temporaries
+        # Σ [log Gamma(λ; α, β) + log Laplace(θ; θ̄, λ) + log λ]: the Laplace's −log λ cancels the Jacobian's
+        constant = theta.numel() * (a * math.log(b) - math.lgamma(a) - math.log(2.0))
+        return (a - 1) * log_lam.sum() - b * lam.sum() - scaled.sum() + constant
 
     def prior_grad_(self, theta: torch.Tensor, z_lambda: torch.Tensor, grad_theta: torch.Tensor,
                     grad_lambda: torch.Tensor, scale: float, work: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -84,11 +86,16 @@ def prior_grad_(theta: torch.Tensor, theta_bar: torch.Tensor, z_lambda: torch.Te
     ∂/∂logλ_i log p = (α − 1) − β λ_i + |θ_i − θ̄_i| / λ_i   (the −1 of the Laplace normaliser cancels the +1
     of the Jacobian |dλ/dlogλ|; without the Jacobian — MAP in the model's own λ — the constant is α − 2)
     ∂/∂λ_i    log p = ((α − 2) + |θ_i − θ̄_i| / λ_i) / λ_i − β   (linear: no Jacobian)
-    The fast path of the Pyro trace's gradient (``tests/test_model.py`` checks they agree): a dozen
-    in-place passes over three caller-owned buffers ``work`` shaped like θ, no allocation.
+    The fast path of the Pyro trace's gradient (``tests/test_model.py`` checks they agree): one compiled pass
+    (``inference.fused``) on large tensors, else a dozen in-place passes over three caller-owned buffers ``work``
+    shaped like θ; no allocation.
     """
     if space not in LAMBDA_SPACES:
         raise ValueError(f"lambda_space: unknown value {space!r}; choose one of: {', '.join(LAMBDA_SPACES)}")
+    alpha_minus_c = alpha - (1.0 if space == "log" and jacobian else 2.0)
+    if fused.prior_grad_(theta, theta_bar, z_lambda, grad_theta, grad_lambda, scale=scale,
+                         alpha_minus_c=alpha_minus_c, beta=beta, floor=LAMBDA_FLOOR, log_space=space == "log"):
+        return
     lam, inv_lam, diff = work
     if space == "log":
         torch.exp(z_lambda, out=lam)
@@ -101,7 +108,7 @@ def prior_grad_(theta: torch.Tensor, theta_bar: torch.Tensor, z_lambda: torch.Te
     diff.abs_().mul_(inv_lam)  # |θ − θ̄|/λ
     if space == "log":
         diff.sub_(lam, alpha=beta)
-        torch.mul(diff, -scale, out=grad_lambda).sub_(scale * (alpha - (1.0 if jacobian else 2.0)))
+        torch.mul(diff, -scale, out=grad_lambda).sub_(scale * alpha_minus_c)
     else:
-        diff.add_(alpha - 2.0).mul_(inv_lam).sub_(beta)
+        diff.add_(alpha_minus_c).mul_(inv_lam).sub_(beta)
         torch.mul(diff, -scale, out=grad_lambda)

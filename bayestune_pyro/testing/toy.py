@@ -75,6 +75,7 @@ def sgld_logistic(data: dict, *, alpha: float, beta: float, lrs: dict[str, float
     factorises over chains, and the kernel's noise is independent per coordinate. With ``batch_size`` every
     step draws a fresh minibatch, shared by the chains (the plate takes one label vector). Chains start
     dispersed around w = 0, λ = α/β, b = 0; the first ``burnin`` steps are discarded, then every ``thin``-th kept.
+    An rmsprop preconditioner is frozen after burn-in unless ``freeze_preconditioner=False``, as in the engines.
     """
     n, d = data["x"].shape
     g = torch.Generator().manual_seed(seed)
@@ -91,6 +92,8 @@ def sgld_logistic(data: dict, *, alpha: float, beta: float, lrs: dict[str, float
     sampler = SGLD(config, sites, g) if friction is None else SGHMC(config, sites, g, friction=friction)
     batch, draws = data, []
     for t in range(steps):
+        if t == burnin and config.freeze_preconditioner:
+            sampler.freeze()  # as the engines do when sampling starts: exact SGLD with a constant G from here
         if batch_size is not None:
             idx = torch.randperm(n, generator=g)[:batch_size]
             batch = {k: v[idx] for k, v in data.items()}
