@@ -58,12 +58,12 @@ def test_stage2_keeps_unmasked_coordinates_bitwise_and_delta_round_trips(tmp_pat
     changed = theta != fresh.lifted.theta_bar
     assert changed.any()
     assert not changed[~mask.dense()].any()  # every unmasked covered coordinate is exactly θ̄
-    # identical logits: the merged model vs the stage-2 parametrisation θ̄ + scatter(δ)
+    # identical logits: the merged model vs stage 2's module, θ̄ + δ written in place at the mask
     sparse = SparseDelta.load(out / "delta.safetensors")
     tuner = SparseFineTuner(fresh.lifted, mask.index, fresh.nll)
     with torch.no_grad():
         names = [n for n in fresh.lifted.layout.names if n in sparse.updates]  # layout order = mask order
-        tuner.delta.copy_(torch.cat([sparse.updates[n][1] for n in names]))
+        tuner.load_trained({"delta": torch.cat([sparse.updates[n][1] for n in names])})
         named = dict(fresh.lifted.model.named_parameters())
         for name, value in sparse.head.items():  # the trained head (the backbone part stays θ̄)
             named[name].copy_(value)

@@ -5,11 +5,14 @@ evaluates on a validation split every ``eval_every`` steps and restores the best
 head with AdamW at ``head_lr``; what differs is the backbone update:
 
 - :class:`SparseFineTuner` (a fixed mask, every masked method): only a k-vector δ is trained and the network
-  runs with θ = θ̄ + scatter(δ at the mask). Every unmasked coordinate is a copy of θ̄ — bitwise, whatever the
-  optimiser does (decoupled weight decay acts on δ, i.e. pulls θ towards θ̄ on the mask only) — and the
-  optimiser state is k-sized. ``backward="hooks"`` (SIFT's memory-efficient update) keeps one working copy of θ
-  in the module and gathers each parameter's gradient into δ's k-sized gradient in a post-accumulate hook, so no
-  d-sized gradient is ever stored; tensors without a masked coordinate get no gradient at all.
+  runs with θ = θ̄ + δ at the mask. Every unmasked coordinate is a copy of θ̄ — bitwise, whatever the optimiser
+  does (decoupled weight decay acts on δ, i.e. pulls θ towards θ̄ on the mask only) — and the optimiser state is
+  k-sized. By default (``backward="hooks"``, SIFT's memory-efficient update) the module holds one working copy
+  of θ, written in place at the k masked coordinates after each step, and a post-accumulate hook gathers each
+  parameter's gradient into δ's k-sized gradient, so no d-sized gradient outlives its tensor's backward node
+  and tensors without a masked coordinate get no gradient at all. ``backward="functional"`` is the reference
+  the tests hold it to: θ = θ̄ + scatter(δ) rebuilt every step and differentiated by autograd (d-sized work per
+  step).
 - ``dense.DenseFineTuner`` (full fine-tuning, L1-SP), ``lora.LoRATuner``, ``stochastic.StochasticTuner``.
 """
 from __future__ import annotations
@@ -142,7 +145,7 @@ class SparseFineTuner(Tuner):
     """θ(δ) = θ̄ + δ on ``index`` (sorted flat indices), δ trained with AdamW together with the head."""
 
     def __init__(self, lifted: LiftedBackbone, index: torch.Tensor, loss_fn: Callable,
-                 config: Stage2Config = Stage2Config(), backward: str = "functional"):
+                 config: Stage2Config = Stage2Config(), backward: str = "hooks"):
         if backward not in BACKWARDS:
             raise ValueError(f"backward: unknown value {backward!r}; choose one of: {', '.join(BACKWARDS)}")
         self.index = index.to(lifted.theta_bar.device)

@@ -1,9 +1,8 @@
-"""sift: the top-k |∇| of the first ``sift_batches`` minibatches within ``sift_modules``; stage 2 gathers each
-tensor's gradient into the k-sized δ in backward hooks (SIFT's memory-efficient update)."""
+"""sift: the top-k |∇| of the first ``sift_batches`` minibatches within ``sift_modules``; stage 2 as every masked
+method's, whose backward hooks are SIFT's memory-efficient update."""
 from dataclasses import dataclass
 
 from ..config import Options, check_at_least_one, option
-from ..finetune.stage2 import SparseFineTuner
 from ..selection import peers
 from ..selection.masks import top_k
 from . import Method, register
@@ -26,9 +25,4 @@ def select(s, options: SiftOptions):
     return top_k(scores, s.k, layout, "sift", batches=options.sift_batches, modules=options.sift_modules)
 
 
-def tuner(s, options, mask):
-    return SparseFineTuner(s.lifted, mask.index, s.nll, s.stage2_config(), backward="hooks")
-
-
-register(Method("sift", "top-k |∇| of the first batches within sift_modules; sparse backward hooks", SiftOptions,
-                select=select, tuner=tuner))
+register(Method("sift", "top-k |∇| of the first batches within sift_modules", SiftOptions, select=select))
