@@ -71,10 +71,11 @@ def stage1(batches):
         kernel.step(z, grads, {"theta": 1e-4, "lambda": 1e-2})
         head_opt.step()
         head_opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            delta = z["theta"] - lifted.theta_bar
-            posterior.update(0, potential.lam(z), delta, {"loss": loss, "log_joint": loss},
-                             conditional.mean(delta.abs()))
+        with torch.no_grad():  # as the sgld engine's collect: into the potential's work buffers
+            delta, lam, lam_rb = potential.work
+            torch.sub(z["theta"], lifted.theta_bar, out=delta)
+            conditional.mean(torch.abs(delta, out=lam_rb), out=lam_rb)
+            posterior.update(0, potential.lam(z, out=lam), delta, {"loss": loss, "log_joint": loss}, lam_rb)
 
     return step
 
