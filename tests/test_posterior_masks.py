@@ -6,7 +6,8 @@ import torch
 
 from bayestune_pyro.inference.posterior import StreamingPosterior
 from bayestune_pyro.models.lifted import Layout
-from bayestune_pyro.selection.masks import Mask, above_threshold, top_p
+from bayestune_pyro.selection import masks
+from bayestune_pyro.selection.masks import Mask, above_threshold, top_k, top_p
 
 LAYOUT = Layout.of([("a.weight", torch.Size([30, 10])), ("a.bias", torch.Size([30])), ("b.weight", torch.Size([70]))])
 
@@ -71,3 +72,27 @@ def test_threshold_and_counts_and_files(tmp_path):
 def test_bad_fraction_is_named(p):
     with pytest.raises(ValueError, match="^p: "):
         top_p(torch.rand(LAYOUT.d), p, LAYOUT)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "ties", "ascending", "descending", "infinite", "aliased"])
+def test_top_k_equals_the_stable_sort_definition(kind, monkeypatch):
+    """The candidate search gives exactly the stable-sort mask, also when its strided guess misses ("aliased": the
+    sample sees only the large scores on its stride, so the guess keeps too few and the exact cut takes over)."""
+    monkeypatch.setattr(masks, "SAMPLE", 100)  # stride 50 over d = 5000
+    g = torch.Generator().manual_seed(3)
+    d = 5000
+    scores = {"uniform": torch.rand(d, generator=g), "ties": torch.randint(0, 4, (d,), generator=g).float(),
+              "ascending": torch.arange(d).float(), "descending": -torch.arange(d).float(),
+              "infinite": torch.where(torch.rand(d, generator=g) < 0.1, float("inf"), torch.rand(d, generator=g)),
+              "aliased": torch.where(torch.arange(d) % 50 == 0, 2.0, torch.rand(d, generator=g))}[kind]
+    layout = Layout.of([("w", torch.Size([d]))])
+    for k in [0, 1, 7, 499, 500, 2500, 4999, 5000]:
+        expect = torch.sort(scores, descending=True, stable=True).indices[:k].sort().values
+        assert torch.equal(top_k(scores, k, layout, "t").index, expect), k
+
+
+def test_nan_scores_are_refused():
+    scores = torch.rand(LAYOUT.d)
+    scores[3] = float("nan")
+    with pytest.raises(ValueError, match="^scores: 1 of 400 are NaN"):
+        top_p(scores, 0.1, LAYOUT)

@@ -46,7 +46,8 @@ class SGHMC(SGLD):
             if xi is not None:
                 v.add_(xi, alpha=gamma * math.sqrt(2.0 * a * lr / n_hat))
         else:
-            precond, root_c = self.rmsprop(g, s, t, work, frozen_at)
+            adapt, root_c = self.correction(t, frozen_at)
+            precond = self.rmsprop(g, s, root_c, adapt, work)
             v.addcmul_(precond, g, value=-lr * root_c)
             if xi is not None:
                 v.addcmul_(precond.sqrt_(), xi, value=gamma * math.sqrt(2.0 * a * lr * root_c / n_hat))

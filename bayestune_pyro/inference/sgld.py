@@ -109,13 +109,12 @@ class SGLD:
             if xi is not None:
                 z.add_(xi, alpha=gamma * math.sqrt(2.0 * lr / cfg.n_hat))
         elif cfg.preconditioner == "rmsprop":
-            adapt, t = frozen_at is None, t if frozen_at is None else frozen_at
-            root_c = math.sqrt(1.0 - cfg.rho**t)
+            adapt, root_c = self.correction(t, frozen_at)
             diffusion = gamma * math.sqrt(2.0 * lr * root_c / cfg.n_hat)
             if fused.rmsprop_langevin_(z, g, s["v"], xi, rho=cfg.rho, drift=lr * root_c, diffusion=diffusion,
                                        eps_c=cfg.eps * root_c, adapt=adapt):
                 return
-            precond, root_c = self.rmsprop(g, s, t, work, frozen_at)
+            precond = self.rmsprop(g, s, root_c, adapt, work)
             z.addcmul_(precond, g, value=-lr * root_c)
             if xi is not None:
                 z.addcmul_(precond.sqrt_(), xi, value=diffusion)
@@ -129,18 +128,19 @@ class SGLD:
             denom = torch.sqrt(s["v"], out=work).add_(cfg.eps * root_c2)  # (√(v/c₂) + ε)·√c₂
             z.addcdiv_(s["m"], denom, value=-lr * root_c2 / (1.0 - b1**t))
 
-    def rmsprop(self, g, s, t: int, work, frozen_at: int | None) -> tuple[torch.Tensor, float]:
-        """(G/√c in ``work``, √c) of the rmsprop preconditioner, its second moment v advanced unless frozen.
+    def correction(self, t: int, frozen_at: int | None) -> tuple[bool, float]:
+        """(whether G adapts at step t, √c) with c = 1 − ρᵗ the bias correction of the step whose G is used."""
+        adapt = frozen_at is None
+        return adapt, math.sqrt(1.0 - self.config.rho ** (t if adapt else frozen_at))
+
+    def rmsprop(self, g, s, root_c: float, adapt: bool, work) -> torch.Tensor:
+        """G/√c in ``work`` for the rmsprop preconditioner, its second moment v advanced first if ``adapt``.
 
         G = 1/(√(v/c) + ε) = √c / (√v + ε√c): the bias correction c = 1 − ρᵗ folds into the scalars.
         """
-        cfg = self.config
-        if frozen_at is None:
-            s["v"].mul_(cfg.rho).addcmul_(g, g, value=1.0 - cfg.rho)
-        else:
-            t = frozen_at
-        root_c = math.sqrt(1.0 - cfg.rho**t)
-        return torch.sqrt(s["v"], out=work).add_(cfg.eps * root_c).reciprocal_(), root_c
+        if adapt:
+            s["v"].mul_(self.config.rho).addcmul_(g, g, value=1.0 - self.config.rho)
+        return torch.sqrt(s["v"], out=work).add_(self.config.eps * root_c).reciprocal_()
 
     def state_dict(self) -> dict:
         return {"steps": dict(self.steps), "frozen_at": dict(self.frozen_at), "state": self.state,
