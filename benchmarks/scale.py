@@ -5,7 +5,8 @@
 Variants, each on the same bbc-news minibatches through a BERT-base-shaped classifier (12 layers, hidden 768,
 every weight covered, d ≈ 1.09e8):
 - plain fine-tuning: forward, backward, ``torch.optim.Adam`` over every parameter (the reference);
-- a stage-1 pSGLD step with the streaming posterior's update (λ and the Rao-Blackwellised E[λ | θ] moments);
+- a stage-1 pSGLD step (``stage1_psgld``), and the same step followed by the streaming posterior's update (λ and
+  the Rao-Blackwellised E[λ | θ] moments), as at each kept draw, one step in ``--thin`` (``stage1_draw``);
 - a stage-2 step on a top-p mask at p = 0.005 and at p = 0.05 (``SparseFineTuner``).
 Prints one JSON line per variant (median seconds, peak memory growth, ratios to plain; see step_cost.py), then the
 seconds to cut a top-p mask from λ̂ over all d (``selection.masks.top_p``) at both p.
@@ -54,8 +55,8 @@ def plain(batches):
     return step
 
 
-def stage1(batches):
-    """A pSGLD step of the sgld engine, then the posterior's update with E[λ | θ] (as every sampling step)."""
+def stage1(batches, draw: bool):
+    """A pSGLD step of the sgld engine; with ``draw``, then the posterior's update with E[λ | θ] (a kept draw)."""
     lifted = LiftedBackbone(bert_base())
     lifted.model.train()
     model = GammaLaplaceModel(lifted)
@@ -63,14 +64,17 @@ def stage1(batches):
     z = potential.init(1e-4)
     kernel = SGLD(SGLDConfig(), z, torch.Generator().manual_seed(0), workspace=potential.work)
     head_opt = torch.optim.Adam(lifted.head_parameters(), lr=1e-3)
-    posterior = StreamingPosterior(lifted.layout, estimator="rao-blackwell")
-    conditional = LambdaConditional(model.alpha, model.beta)
+    if draw:
+        posterior = StreamingPosterior(lifted.layout, estimator="rao-blackwell")
+        conditional = LambdaConditional(model.alpha, model.beta)
 
     def step():
         loss, grads = potential.gradient(z, next(batches))
         kernel.step(z, grads, {"theta": 1e-4, "lambda": 1e-2})
         head_opt.step()
         head_opt.zero_grad(set_to_none=True)
+        if not draw:
+            return
         with torch.no_grad():  # as the sgld engine's collect: into the potential's work buffers
             delta, lam, lam_rb = potential.work
             torch.sub(z["theta"], lifted.theta_bar, out=delta)
@@ -92,7 +96,8 @@ def main():
     args = arguments(__doc__)
     loader = loader_for(args)
     measure({"plain_adam": lambda: plain(infinite_batches(loader)),
-             "stage1_psgld": lambda: stage1(infinite_batches(loader)),
+             "stage1_psgld": lambda: stage1(infinite_batches(loader), draw=False),
+             "stage1_draw": lambda: stage1(infinite_batches(loader), draw=True),
              "stage2_p0.005": lambda: stage2(infinite_batches(loader), 0.005),
              "stage2_p0.05": lambda: stage2(infinite_batches(loader), 0.05)}, args.steps)
     layout = LiftedBackbone(bert_base()).layout
