@@ -1,10 +1,14 @@
-"""The compiled pSGLD update agrees with the eager passes, and falls back to them where it cannot compile."""
+"""The compiled passes (pSGLD update, prior gradient, E[λ | θ], Welford) agree with the eager ones, and fall back to
+them where they cannot compile."""
 import pytest
 import torch
 
 from bayestune_pyro.inference import fused
+from bayestune_pyro.inference.posterior import StreamingPosterior
 from bayestune_pyro.inference.sgld import SGLD, SGLDConfig
 from bayestune_pyro.models.gamma_laplace import prior_grad_
+from bayestune_pyro.models.lambda_conditional import LambdaConditional
+from bayestune_pyro.models.lifted import Layout
 
 N = fused.FUSE_FROM  # the smallest site that takes the fused pass
 
@@ -64,3 +68,43 @@ def test_the_fused_prior_gradient_matches_the_eager_passes(monkeypatch, space, j
     monkeypatch.setattr(fused, "FUSE_FROM", 10 * N)
     for a, b in zip(fused_grads, grads()):  # where the prior cancels the likelihood part, rounding is absolute
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("alpha", [0.01, 1.0, 2.5])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_the_fused_conditional_mean_matches_the_eager_passes(monkeypatch, alpha, in_place):
+    """E[λ | |Δ|] over the whole table and beyond both ends, 0, inf and NaN included, out aliased or not."""
+    g = torch.Generator().manual_seed(4)
+    abs_delta = torch.exp(torch.empty(N).uniform_(-110.0, 30.0, generator=g))
+    abs_delta[:4] = torch.tensor([0.0, float("inf"), float("nan"), 1e-45])
+    conditional = LambdaConditional(alpha, 100.0)
+    buffer = abs_delta.clone()
+    fast = conditional.mean(buffer, out=buffer if in_place else None)
+    assert fused._gig_mean in fused._Compiled.functions and not fused._Compiled.failed
+    monkeypatch.setattr(fused, "FUSE_FROM", 10 * N)
+    slow = conditional.mean(abs_delta)
+    assert torch.isnan(fast[2]) and torch.isnan(slow[2])
+    normal = slow.abs() >= torch.finfo(slow.dtype).tiny  # the rest is 0 or subnormal (α < 1 at tiny |Δ|)
+    assert torch.allclose(fast[normal], slow[normal], rtol=3e-5, atol=0)  # each is within 1e-5 of the truth
+    keep = ~normal & ~torch.isnan(slow)
+    assert torch.allclose(fast[keep], slow[keep], rtol=0, atol=1e-42)  # subnormal: a few units of 1.4e-45
+
+
+def test_the_fused_welford_update_matches_the_eager_passes(monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    draws = [torch.randn(N, generator=g) * 3 + 1 for _ in range(5)]
+
+    def moments() -> tuple[torch.Tensor, torch.Tensor]:
+        post = StreamingPosterior(Layout.of([("w", torch.Size([N]))]), n_tracked=2)
+        for x in draws:
+            post.update(0, x, x, {"loss": x[0], "log_joint": x[0]})
+        return post.mean["lambda"][0], post.m2["lambda"][0]
+
+    fast = moments()
+    assert fused._welford in fused._Compiled.functions and not fused._Compiled.failed
+    monkeypatch.setattr(fused, "FUSE_FROM", 10 * N)
+    slow = moments()
+    stacked = torch.stack(draws)
+    assert torch.allclose(fast[0], slow[0], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(fast[1], slow[1], rtol=1e-4, atol=1e-5)
+    assert torch.allclose(fast[1] / 4, stacked.var(0), rtol=1e-4, atol=1e-5)

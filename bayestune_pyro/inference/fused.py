@@ -1,8 +1,10 @@
-"""Stage 1's elementwise work (the prior's gradient, the pSGLD update) as single compiled passes.
+"""Stage 1's elementwise work as single compiled passes: the prior's gradient, the pSGLD update, and at each kept
+draw E[λ | θ] and the streaming moments.
 
 ``torch.compile`` (inductor) turns each into one loop: C++/OpenMP on CPU, Triton on a GPU. The pSGLD update reads
 z, ĝ, v and ξ once and writes z and v once, where eager torch makes eight passes (~3 ms each over MiniLM's 22.7M
-floats); the prior's gradient makes one pass instead of a dozen. Scalars travel as a small tensor, so a new step
+floats); the prior's gradient makes one pass instead of a dozen, E[λ | θ] one instead of nine, a Welford update
+one instead of three (and no temporaries). Scalars travel as a small tensor, so a new step
 size or bias correction reuses the compiled code. Sites below :data:`FUSE_FROM` elements keep the eager passes:
 compiling costs seconds and a small site gains nothing. Where compiling fails (e.g. no C++ compiler), a warning
 is given once and the eager passes are used; the two agree to float rounding (tested).
@@ -38,6 +40,24 @@ def _prior_grad(theta, theta_bar, z_lambda, grad_theta, grad_lambda, scalars, lo
         grad_lambda.copy_((scaled - beta * lam + alpha_minus_c) * -scale)
     else:
         grad_lambda.copy_(((alpha_minus_c + scaled) * inv_lam - beta) * -scale)
+
+
+def _gig_mean(abs_delta, out, base, rise, scalars, flat_below: bool) -> None:
+    offset, inv_step, lowest = scalars.unbind()
+    t = torch.log(abs_delta) * inv_step + offset
+    if flat_below:
+        t = torch.maximum(t, lowest)
+    segment = torch.nan_to_num(t, nan=0.0).clamp(0, rise.numel() - 1).to(torch.int64)
+    t = t - segment
+    out.copy_(torch.exp(t * rise[segment] + base[segment]))
+
+
+def _welford(mean, m2, x, scalars) -> None:
+    (inv_n,) = scalars.unbind()
+    step = x - mean
+    new_mean = mean + step * inv_n
+    m2.copy_(m2 + step * (x - new_mean))
+    mean.copy_(new_mean)
 
 
 class _Compiled:
@@ -83,3 +103,14 @@ def prior_grad_(theta: torch.Tensor, theta_bar: torch.Tensor, z_lambda: torch.Te
     """``models.gamma_laplace.prior_grad_`` in one pass (its formulas; ``alpha_minus_c`` is α − 1 or α − 2)."""
     return _run(_prior_grad, (theta, theta_bar, z_lambda, grad_theta, grad_lambda), [scale, alpha_minus_c, beta, floor],
                 log_space)
+
+
+def gig_mean_(abs_delta: torch.Tensor, out: torch.Tensor, base: torch.Tensor, rise: torch.Tensor, *, offset: float,
+              inv_step: float, flat_below: bool) -> bool:
+    """``models.lambda_conditional.LambdaConditional.mean`` in one pass (its table and formulas)."""
+    return _run(_gig_mean, (abs_delta, out, base, rise), [offset, inv_step, torch.finfo(out.dtype).min], flat_below)
+
+
+def welford_(mean: torch.Tensor, m2: torch.Tensor, x: torch.Tensor, *, n: int) -> bool:
+    """The n-th sample x into the running mean and sum of squared deviations m2 (Welford), in one pass."""
+    return _run(_welford, (mean, m2, x), [1.0 / n])

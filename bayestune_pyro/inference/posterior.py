@@ -23,6 +23,7 @@ import torch
 
 from ..artifacts import LAYOUT_HASH, Reader, save_paired
 from ..models.lifted import Layout
+from . import fused
 
 FORMAT = "bayestune-posterior/2"
 STATS = ("loss", "log_joint")
@@ -71,6 +72,8 @@ class StreamingPosterior:
         for m, x in (("lambda", lam), ("lambda_rb", lam_rb), ("delta", delta)):
             if m in self.mean:
                 mean, m2 = self.mean[m][chain], self.m2[m][chain]
+                if fused.welford_(mean, m2, x, n=n):
+                    continue
                 step = x - mean
                 mean.add_(step, alpha=1.0 / n)
                 m2.addcmul_(step, x - mean)

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from scipy.special import kve
 
+from ..inference import fused
+
 # Range of the mean's table in the scale-free variable u = β|Δ| (E[λ|Δ] = h_α(β|Δ|)/β): down to 1e-46 so that for
 # β ≥ 0.08 every positive float32 |Δ| (subnormals included) is inside it; up to 1e12, where the large-|Δ| asymptote
 # √(|Δ|/β) is reached to a relative 2.5e-7·|2α − 1|.
@@ -92,12 +94,16 @@ class LambdaConditional:
 
         Linear interpolation of log E in log|Δ| (relative error ≤ 1e-6 in float64, ≤ 1e-5 in float32, where the
         rounding of log|Δ| dominates). |Δ| = 0 gives the limit: 0 for α < 1, (α − 1)/β for α > 1 (for α = 1, whose
-        E → 0 only like 1/(β log(1/(β|Δ|))), the value at the table's end). NaN gives NaN. Eleven elementwise passes,
-        at most two d-sized temporaries besides ``out``, no host synchronisation; ``out`` may be ``abs_delta``.
+        E → 0 only like 1/(β log(1/(β|Δ|))), the value at the table's end). NaN gives NaN. One compiled pass on
+        inputs of ``fused.FUSE_FROM`` elements or more, else nine elementwise passes with at most two temporaries of
+        the input's size besides ``out``; no host synchronisation; ``out`` may be ``abs_delta``.
         """
         self._check(abs_delta, "abs_delta")
         if out is None:
             out = torch.empty_like(abs_delta)
+        if fused.gig_mean_(abs_delta, out, self._base, self._rise, offset=float(self._offset),
+                           inv_step=self._inv_step, flat_below=self._flat_below):
+            return out
         t = out.view(-1)
         torch.log(abs_delta.reshape(-1), out=t)
         torch.add(self._offset, t, alpha=self._inv_step, out=t)
