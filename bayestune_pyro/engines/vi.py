@@ -11,7 +11,7 @@ closed form), and hands Adam the gradient of the one-draw ELBO loss (U(z) + log 
 That is Pyro's ``Trace_ELBO`` gradient for the same guide and draw (tested against it), without a Pyro trace over
 d-sized sites or autograd through the guide. Per covered coordinate it keeps μ and ρ of both sites (4), Adam's two
 moments of each (8), z, g and ε (2 each; ε becomes ρ's gradient in place): 18 floats, plus θ̄ and the prior's three
-work buffers.
+work buffers. Adam is torch's fused kernel where the device has one (no d-sized temporaries per step).
 ``vi-pyro`` is the same inference through Pyro's SVI machinery (``engines/svi.py``), the reference.
 
 What reaches the :class:`StreamingPosterior` is what ``vi-pyro`` gives: the guide's closed-form moments of λ, and
@@ -29,6 +29,8 @@ from ..inference.posterior import StreamingPosterior
 from ..inference.potential import Potential
 from . import Engine, register
 from .svi import VIOptions
+
+FUSED_ADAM = ("cpu", "cuda")  # devices with torch's fused Adam kernel
 
 
 class MeanField:
@@ -87,7 +89,8 @@ class MeanFieldKernel(Kernel):
         self.head = self.lifted.head_parameters()
         self.opt = torch.optim.Adam([{"params": self.q.parameters("theta"), "lr": options.lr},
                                      {"params": self.q.parameters("lambda"), "lr": options.lr_lambda},
-                                     {"params": self.head, "lr": s.config.head_lr}])
+                                     {"params": self.head, "lr": s.config.head_lr}],
+                                    fused=self.z["theta"].device.type in FUSED_ADAM)
         torch.manual_seed(seed + 1)  # the dropout stream
 
     def setup(self, batch: dict) -> None:
