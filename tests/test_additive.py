@@ -8,7 +8,7 @@ from bayestune_pyro.config import RunConfig
 from bayestune_pyro.models.backbones import load_backbone
 from bayestune_pyro.models.lifted import LiftedBackbone
 from bayestune_pyro.pipeline import run
-from bayestune_pyro.search_spaces.additive import Additive
+from bayestune_pyro.search_spaces.additive import Additive, stranded
 from bayestune_pyro.selection.masks import Mask
 
 
@@ -109,3 +109,23 @@ def test_a_run_on_the_additive_space_fine_tunes_only_added_coordinates(tmp_path)
     assert metrics["n_updated"] == mask.k == int(0.05 * metrics["n_total"]) > 0
     with pytest.raises(ValueError, match="additive_kinds: unknown value 'vpt'"):
         RunConfig.from_dict({"search_space": "additive", "additive_kinds": ["vpt"]})
+
+
+def test_stranded_coordinates_are_the_chosen_random_ones_without_a_gradient(text_batch):
+    """After the zero factors' chosen coordinates have moved (as in stage 2), a chosen coordinate of a random
+    factor has a zero gradient exactly when ``stranded`` says so."""
+    lifted = LiftedBackbone(load_backbone("tiny-bert", 3, seed=0), Additive(width=4))
+    g = torch.Generator().manual_seed(0)
+    chosen = torch.rand(lifted.d, generator=g) < 0.03
+    theta = torch.where(chosen, lifted.theta_bar + 0.1 * torch.randn(lifted.d, generator=g), lifted.theta_bar)
+    theta.requires_grad_()
+    lifted.model.eval()
+    lifted(theta, text_batch).square().sum().backward()
+    grads, parts = lifted.layout.split(theta.grad), lifted.layout.split(chosen)
+    lost = stranded(parts)
+    assert {n.rsplit(".", 1)[1] for n in lost} == {"bt_lora_A", "bt_adapter_down", "bt_prompt_tokens"}
+    for name, cut in lost.items():
+        assert (grads[name][cut] == 0).all(), name
+        assert (grads[name][parts[name] & ~cut] != 0).all(), name
+    counts = [int(cut.sum()) for cut in lost.values()], [int((parts[n] & ~cut).sum()) for n, cut in lost.items()]
+    assert sum(counts[0]) > 0 and sum(counts[1]) > 0  # both cases occur

@@ -176,6 +176,35 @@ class Additive(SearchSpace):
         return name.rsplit(".", 1)[-1].startswith(PREFIX)
 
 
+# random factor → (its zero partner, the partner's axis that pairs with the random factor's rows; None: any coordinate)
+PARTNERS = {"lora_A": ("lora_B", 0), "adapter_down": ("adapter_up", 0), "prompt_tokens": ("prompt_gate", None)}
+
+
+def stranded(chosen: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per random factor in ``chosen`` (a bool per coordinate of each added tensor, by name, e.g.
+    ``Layout.split(mask.dense())``): the chosen coordinates that stage 2 cannot move.
+
+    A random factor's row r feels the loss only through its zero partner's column r (LoRA: ∂L/∂A[r] ∝ B[:, r];
+    adapter: ∂L/∂D[r] ∝ U[:, r]), and the prompt tokens only through the gate. A partner with nothing chosen
+    stays 0 in stage 2, so the random coordinates it pairs with keep a zero gradient.
+    """
+    out = {}
+    for name, mask in chosen.items():
+        module, _, factor = name.rpartition(".")
+        if not factor.startswith(PREFIX) or factor[len(PREFIX):] not in PARTNERS:
+            continue
+        partner, axis = PARTNERS[factor[len(PREFIX):]]
+        partner_mask = chosen.get(f"{module}.{PREFIX}{partner}")
+        if partner_mask is None:  # the partner is not covered: it is frozen at 0
+            alive = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
+        elif axis is None:
+            alive = partner_mask.any().expand(mask.shape[0])
+        else:
+            alive = partner_mask.any(dim=axis)
+        out[name] = mask & ~alive.unsqueeze(1)
+    return out
+
+
 @dataclass
 class AdditiveOptions(Options):
     additive_kinds: list[str] = option(list(KINDS), "additive: the kinds of zero-initialised module to attach",
