@@ -294,7 +294,7 @@ def _command(args: argparse.Namespace) -> dict | None:
 
 
 def parts() -> dict:
-    """Every registered part: name → summary, options (and an engine's kind)."""
+    """Every registered part: name → summary, options (an engine's kind, a search space's defaults)."""
     listing = {}
     for kind, registry in (("methods", METHODS), ("engines", ENGINES), ("search_spaces", SEARCH_SPACES)):
         listing[kind] = {}
@@ -302,7 +302,8 @@ def parts() -> dict:
             part = registry.get(name)
             options = [f.name for f in dataclasses.fields(part.options)] if part.options is not None else []
             listing[kind][name] = {"summary": part.summary, "options": options,
-                                   **({"kind": part.kind} if kind == "engines" else {})}
+                                   **({"kind": part.kind} if kind == "engines" else {}),
+                                   **({"defaults": part.defaults(part.options())} if kind == "search_spaces" else {})}
     return listing
 
 

@@ -5,7 +5,9 @@
   ``methods/``;
 - for methods with a stage 1 (the posterior methods), the engine (``inference``) and its own options, declared in
   its module in ``engines/``;
-- the search space (``search_space``, default ``subset``) and its options, declared in ``search_spaces/``.
+- the search space (``search_space``, default ``subset``) and its options, declared in ``search_spaces/``. A
+  space may change the defaults of other options (``Space.defaults``: the additive space's step sizes); a value
+  given in a file or a flag always wins.
 
 YAML nests the same way (``method: {name: sift, sift_batches: 1}``, ``engine: {name: sgld, gamma: 1.0}``,
 ``search_space: {name: subset, include: ["*"]}``). Flat keys and flags (``--sift-batches 1``, ``gamma: 1.0``) go
@@ -449,6 +451,12 @@ class RunConfig:
         if not strict:
             part_values = {block: {k: v for k, v in got.items() if k in own[block]}
                            for block, got in part_values.items()}
+        space_options = chosen["search_space"][1].from_values(part_values["search_space"], chosen["search_space"][0])
+        for key, value in SEARCH_SPACES.get(space).defaults(space_options).items():
+            if key in cls.COMMON:
+                common.setdefault(key, coerce(key, hints[key], value))
+            for block in (b for b in chosen if key in own[b]):
+                part_values[block].setdefault(key, value)
         options = {attribute: chosen[block][1].from_values(part_values[block], chosen[block][0])
                    for block, _, _, attribute in PARTS if chosen[block][1] is not None}
         return cls(**common, method=method, inference=inference, search_space=space, **options)

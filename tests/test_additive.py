@@ -4,6 +4,7 @@ only kept added coordinates."""
 import pytest
 import torch
 
+from bayestune_pyro.cli import build_parser, resolve_config
 from bayestune_pyro.config import RunConfig
 from bayestune_pyro.models.backbones import load_backbone
 from bayestune_pyro.models.lifted import LiftedBackbone
@@ -109,6 +110,24 @@ def test_a_run_on_the_additive_space_fine_tunes_only_added_coordinates(tmp_path)
     assert metrics["n_updated"] == mask.k == int(0.05 * metrics["n_total"]) > 0
     with pytest.raises(ValueError, match="additive_kinds: unknown value 'vpt'"):
         RunConfig.from_dict({"search_space": "additive", "additive_kinds": ["vpt"]})
+
+
+def test_the_additive_space_brings_its_step_sizes_and_a_given_value_wins():
+    def config(*flags):
+        return resolve_config(build_parser().parse_args(["run", *flags]))
+
+    steps = ("lr", "stage2_lr")
+    assert [getattr(config(), n) for n in steps] == [1e-4, 1e-3]  # the backbone's (subset) defaults
+    assert [getattr(config("--search-space", "additive"), n) for n in steps] == [1e-3, 1e-2]
+    assert [getattr(config("--search-space", "additive", "--lr", "3e-4"), n) for n in steps] == [3e-4, 1e-2]
+    assert [getattr(config("--search-space", "additive", "--additive-backbone"), n) for n in steps] == [1e-4, 1e-3]
+    for method in ("full", "l1sp"):
+        assert config("--search-space", "additive", "--method", method).dense_lr == 3e-3
+        assert config("--method", method).dense_lr == 5e-5
+    nested = RunConfig.from_dict({"search_space": "additive", "method": {"name": "bayestune", "lr": 2e-4}})
+    assert nested.lr == 2e-4 and nested.stage2_lr == 1e-2
+    given = config("--search-space", "additive", "--stage2-lr", "3e-3")
+    assert RunConfig.from_dict(given.to_dict()).stage2_lr == 3e-3  # a run's config.yaml keeps what was given
 
 
 def test_stranded_coordinates_are_the_chosen_random_ones_without_a_gradient(text_batch):

@@ -133,6 +133,8 @@ def test_list_names_every_registered_part_with_its_options(capsys):
     assert listing["methods"]["sift"]["options"] == ["sift_batches", "sift_modules"]
     assert listing["engines"]["sghmc"]["kind"] == "sampler" and listing["engines"]["vi"]["kind"] == "variational"
     assert listing["search_spaces"]["subset"]["options"] == ["include", "exclude"]
+    assert listing["search_spaces"]["subset"]["defaults"] == {}
+    assert listing["search_spaces"]["additive"]["defaults"] == {"lr": 1e-3, "stage2_lr": 1e-2, "dense_lr": 3e-3}
 
 
 def test_unknown_config_field_is_named(tmp_path, capsys):

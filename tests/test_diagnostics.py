@@ -119,6 +119,16 @@ def test_knee_of_a_curve_with_a_known_knee():
         Curve.of(torch.ones(100)).knee()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_the_curve_holds_the_sorted_scores_at_its_ranks(dtype):
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 50, (30_008,), generator=gen).to(dtype) * torch.rand(30_008, generator=gen).to(dtype)
+    curve = Curve.of(scores.reshape(-1, 8))
+    ordered = torch.sort(scores.double(), descending=True).values
+    assert curve.d == 30_008 and curve.k[0] == 1 and curve.k[-1] == 30_008 and np.all(np.diff(curve.k) > 0)
+    assert np.array_equal(curve.values, ordered[torch.from_numpy(curve.k - 1)].numpy())
+
+
 def test_inclusion_probability_and_lower_bound():
     gen = torch.Generator().manual_seed(0)
     m, s = torch.tensor([-8.0, -7.0, -6.0]), torch.tensor([0.1, 0.5, 1.0])

@@ -3,7 +3,9 @@
 A :class:`SearchSpace` may first transform the network (``attach``: e.g. add zero-initialised modules), then
 names the parameter tensors it covers (``covered``). The lifted backbone reads θ̄ from the covered tensors as
 they are after ``attach``, so an added zero-initialised module has prior centre θ̄ = 0 and leaves the network's
-function at θ̄ unchanged. The task head is never covered. Adding a search space is adding one module here.
+function at θ̄ unchanged. The task head is never covered. A space may also change the defaults of other options
+(``defaults``: e.g. larger step sizes for coordinates that start at 0); a value the user gives always wins.
+Adding a search space is adding one module here.
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ class Space:
     summary: str  # one line for the docs and ``--help``
     options: type[Options]
     build: Callable[[Options], SearchSpace]
+    # its options -> {option: default} for common fields and other parts' options (applied where not given)
+    defaults: Callable[[Options], dict] = lambda options: {}
 
 
 def register(space: Space) -> Space:

@@ -235,5 +235,12 @@ def build(o: AdditiveOptions) -> Additive:
                     o.additive_seed)
 
 
+def step_sizes(o: AdditiveOptions) -> dict:
+    """Module coordinates start at 0 and need larger steps than pretrained weights: stage 1's θ step, stage 2's
+    masked rate and the dense module rate (``full``, ``l1sp``), each chosen on validation
+    (benchmarks/results/glue-minilm-additive.md). With the backbone covered too, the backbone's defaults stay."""
+    return {} if o.additive_backbone else {"lr": 1e-3, "stage2_lr": 1e-2, "dense_lr": 3e-3}
+
+
 register(Space("additive", "zero-initialised LoRA factors, adapters and gated prompts attached to the network, "
-               "λ only on them", AdditiveOptions, build))
+               "λ only on them", AdditiveOptions, build, step_sizes))

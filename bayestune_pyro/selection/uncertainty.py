@@ -67,9 +67,13 @@ class Curve:
 
     @classmethod
     def of(cls, scores: torch.Tensor, points: int = POINTS) -> Curve:
-        ordered = torch.sort(scores.flatten(), descending=True).values
-        k = np.unique(np.round(np.logspace(0, math.log10(ordered.numel()), points)).astype(np.int64))
-        return cls(k, ordered[torch.from_numpy(k - 1)].double().cpu().numpy(), ordered.numel())
+        """Exact order statistics at the ranks only: one multi-pivot partition (numpy), not a sort of d."""
+        flat = scores.detach().flatten()
+        flat = (flat if flat.dtype in (torch.float32, torch.float64) else flat.float()).cpu().numpy()
+        d = flat.size
+        k = np.unique(np.round(np.logspace(0, math.log10(d), points)).astype(np.int64))
+        position = d - k  # the k-th largest sits at ascending position d − k
+        return cls(k, np.partition(flat, position)[position].astype(np.float64), d)
 
     @property
     def p(self) -> np.ndarray:
