@@ -17,6 +17,7 @@ Prints one JSON line per variant (median seconds, peak MB, ratios to plain); see
 from __future__ import annotations
 
 import importlib.util
+from types import SimpleNamespace
 
 import torch
 from step_cost import arguments, loader_for, measure, plain, sgld
@@ -24,8 +25,9 @@ from torch.func import functional_call
 
 from bayestune_pyro.data import infinite_batches
 from bayestune_pyro.engines.svi import elbo_step, make_guide
-from bayestune_pyro.engines.vi import MeanField
+from bayestune_pyro.engines.vi import MeanFieldKernel
 from bayestune_pyro.inference.potential import Potential
+from bayestune_pyro.methods.bayestune import BayesTuneOptions
 from bayestune_pyro.models.backbones import load_backbone
 from bayestune_pyro.models.gamma_laplace import GammaLaplaceModel
 from bayestune_pyro.models.lifted import LiftedBackbone
@@ -34,22 +36,13 @@ N_HAT, LAMBDA_0, LR = 1e9, 1e-4, 1e-4
 
 
 def vi(batches):
-    """One step of engine vi: a draw z = μ + σ ⊙ ε, the potential's gradient at it, the ELBO's gradient, Adam."""
+    """One step of engine vi's own kernel: a draw z = μ + σ ⊙ ε, the potential's gradient at it, the ELBO's
+    gradient, Adam."""
     lifted = LiftedBackbone(load_backbone("minilm-l6", 5))
-    lifted.model.train()
-    potential = Potential(GammaLaplaceModel(lifted))
-    q = MeanField(potential, potential.init(1e-4), 1e-4, torch.Generator().manual_seed(0))
-    opt = torch.optim.Adam([{"params": q.parameters("theta"), "lr": 1e-4},
-                            {"params": q.parameters("lambda"), "lr": 1e-2},
-                            {"params": lifted.head_parameters(), "lr": 1e-3}], fused=True)  # as the engine
-
-    def step():
-        q.draw()
-        q.gradient(next(batches))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+    setup = SimpleNamespace(lifted=lifted, model=GammaLaplaceModel(lifted), config=SimpleNamespace(head_lr=1e-3))
+    kernel = MeanFieldKernel(setup, BayesTuneOptions(), init_scale=1e-4, seed=0)
+    kernel.setup(next(batches))
+    return lambda: kernel.step(next(batches), "sampling")
 
 
 def vi_pyro(batches):
