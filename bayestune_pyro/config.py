@@ -214,7 +214,8 @@ class RunConfig:
     device: str = option("cpu", "torch device: cpu, cuda, cuda:1, ...")
     # search space (its options live in its module)
     search_space: str = option("subset", "which coordinates carry the prior (one module each in "
-                               "bayestune_pyro/search_spaces/)")
+                               "bayestune_pyro/search_spaces/); a space may bring its own defaults of other options, "
+                               "e.g. additive's step sizes (`bayestune list` shows them)")
     # budget
     p: float | None = option(0.005, "fraction of covered coordinates to fine-tune in stage 2 (top-p by the "
                              "method's score)")
