@@ -62,6 +62,7 @@ def main() -> None:
         if not masks:
             continue
         config = RunConfig.from_yaml(task_dir / next(iter(masks)) / cell / "config.yaml", strict=False)
+        config = config.replace(**config.grid()[0])  # the data and tokenizer are the same at every grid point
         name, unseen = unseen_rows(setup(config))
         reference = masks[args.reference].index if args.reference in masks else None
         for method, mask in masks.items():
