@@ -458,7 +458,8 @@ class RunConfig:
                 common.setdefault(key, coerce(key, hints[key], value))
             for block in (b for b in chosen if key in own[b]):
                 part_values[block].setdefault(key, value)
-        options = {attribute: chosen[block][1].from_values(part_values[block], chosen[block][0])
+        options = {attribute: space_options if block == "search_space" else
+                   chosen[block][1].from_values(part_values[block], chosen[block][0])
                    for block, _, _, attribute in PARTS if chosen[block][1] is not None}
         return cls(**common, method=method, inference=inference, search_space=space, **options)
 
@@ -517,7 +518,9 @@ def _all_names() -> list[str]:
 def merge(base: dict, changes: dict) -> dict:
     """``base`` (nested as :meth:`RunConfig.to_dict` writes it, or flat) updated by ``changes`` (flat or nested).
 
-    A new method name starts that method's options (and engine) from the defaults; so does a new engine name.
+    A new method name starts that method's options (and engine) from the defaults; so does a new engine name. When
+    ``changes`` change the search space's defaults (``Space.defaults``: another space, or ``additive_backbone``), a
+    value of ``base`` that was the old space's default gives way to the new one; a value ``changes`` give is kept.
     """
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
     changes = {k.replace("-", "_"): v for k, v in changes.items()}
@@ -537,6 +540,30 @@ def merge(base: dict, changes: dict) -> dict:
             if block == "method":
                 out.pop("engine", None)
                 out.pop("inference", None)
+    return _without_old_space_defaults(base, changes, out)
+
+
+def _without_old_space_defaults(base: dict, changes: dict, out: dict) -> dict:
+    """``out`` without the values ``base`` holds only as its search space's defaults (the space's own, or the plain
+    option defaults where it brings none) when the space of ``out`` defaults them otherwise."""
+    try:
+        old, new = RunConfig.from_dict(base, strict=False), RunConfig.from_dict(out, strict=False)
+    except ValueError:  # an invalid base or result: RunConfig.from_dict reports it where it is read
+        return out
+
+    def default(config: RunConfig, key: str):
+        brought = SEARCH_SPACES.get(config.search_space).defaults(config.search_space_options)
+        plain = RunConfig.from_dict({"method": config.method, "inference": config.inference}, strict=False)
+        return brought.get(key, getattr(plain, key, None))
+
+    keys = {*SEARCH_SPACES.get(old.search_space).defaults(old.search_space_options),
+            *SEARCH_SPACES.get(new.search_space).defaults(new.search_space_options)}
+    given = {*changes, *(k for v in changes.values() if isinstance(v, dict) for k in v)}
+    for key in keys - given:
+        if getattr(old, key, None) == default(old, key) != default(new, key):
+            out.pop(key, None)
+            for block in (v for v in out.values() if isinstance(v, dict)):
+                block.pop(key, None)
     return out
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bayestune_pyro.cli import build_parser, resolve_config
-from bayestune_pyro.config import RunConfig
+from bayestune_pyro.config import RunConfig, merge
 from bayestune_pyro.models.backbones import load_backbone
 from bayestune_pyro.models.lifted import LiftedBackbone
 from bayestune_pyro.pipeline import run
@@ -128,6 +128,18 @@ def test_the_additive_space_brings_its_step_sizes_and_a_given_value_wins():
     assert nested.lr == 2e-4 and nested.stage2_lr == 1e-2
     given = config("--search-space", "additive", "--stage2-lr", "3e-3")
     assert RunConfig.from_dict(given.to_dict()).stage2_lr == 3e-3  # a run's config.yaml keeps what was given
+
+
+def test_leaving_the_additive_space_leaves_its_step_sizes_behind_but_not_given_ones():
+    additive = RunConfig.from_dict({"search_space": "additive", "stage2_lr": 3e-3})
+    subset = additive.replace(search_space="subset")
+    assert (subset.lr, subset.stage2_lr) == (1e-4, 3e-3)  # stage2_lr was given, lr was the space's
+    assert additive.replace(additive_backbone=True).lr == 1e-4  # the backbone covered: its defaults
+    assert additive.replace(search_space="subset", lr=1e-3).lr == 1e-3
+    assert merge(additive.to_dict(), {"seed": 1}) == {**additive.to_dict(), "seed": 1}
+    dense = RunConfig.from_dict({"search_space": "additive", "method": "full"})
+    assert dense.replace(search_space="subset").dense_lr == 5e-5
+    assert dense.replace(search_space="subset").replace(search_space="additive").dense_lr == 3e-3
 
 
 def test_stranded_coordinates_are_the_chosen_random_ones_without_a_gradient(text_batch):
