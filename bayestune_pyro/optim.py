@@ -47,7 +47,9 @@ class BayesTuneSGLD(torch.optim.Optimizer):
     sample without collecting; then the preconditioner is frozen (``freeze_preconditioner``) and every ``thin``-th
     step adds E[λ | θ] (``estimator="rao-blackwell"``) or λ (``"draws"``) to the running mean λ̂. γ = 0 is the
     ``map`` engine: no noise, no Jacobian (the mode of the model's own density in λ), λ̂ from ``draws`` by default.
-    Parameters without a ``.grad`` are skipped in that step (no data, no prior move). Build it after moving the
+    Parameters without a ``.grad`` are skipped in that step (no data, no prior move). At γ > 0, a coordinate whose
+    gradient was 0 at every step keeps its prior, so its λ̂ is the prior mean α/β exactly (``inference.posterior``).
+    Build it after moving the
     model to its device; every parameter with a prior must share one device and dtype.
     """
 
@@ -84,7 +86,7 @@ class BayesTuneSGLD(torch.optim.Optimizer):
         with torch.no_grad():
             for p in self.prior:
                 self.state[p].update(theta_bar=p.detach().clone(), log_lambda=torch.full_like(p, math.log(lambda_init)),
-                                     lambda_hat=torch.zeros_like(p))
+                                     lambda_hat=torch.zeros_like(p), touched=torch.zeros_like(p, dtype=torch.bool))
         self.grad_lambda = [torch.zeros_like(p) for p in self.prior]
         largest = max(p.numel() for p in self.prior)
         self.work = [torch.empty(largest, device=device, dtype=dtype) for _ in range(3)]
@@ -121,9 +123,10 @@ class BayesTuneSGLD(torch.optim.Optimizer):
             if p.grad is None:
                 continue
             grads[f"theta{i}"], lrs[f"theta{i}"] = p.grad, group["lr"]
+            state, n = self.state[p], p.numel()
+            state["touched"].logical_or_(p.grad != 0)  # the likelihood's gradient, before the prior's is added
             if warm:
                 continue
-            state, n = self.state[p], p.numel()
             prior_grad_(p, state["theta_bar"], state["log_lambda"], p.grad, self.grad_lambda[i], 1.0 / self.n_hat,
                         tuple(w[:n].view_as(p) for w in self.work), alpha=self.alpha, beta=self.beta,
                         jacobian=self.jacobian)
@@ -158,11 +161,15 @@ class BayesTuneSGLD(torch.optim.Optimizer):
             state["lambda_hat"].lerp_(x, 1.0 / self.draws)
 
     def lambda_hat(self) -> dict[torch.Tensor, torch.Tensor]:
-        """λ̂ per parameter with a prior: the mean of E[λ | θ] (or of λ) over the collected draws."""
+        """λ̂ per parameter with a prior: the mean of E[λ | θ] (or of λ) over the collected draws; at γ > 0, α/β on
+        coordinates the data never touched."""
         if self.draws == 0:
             raise ValueError(f"lambda_hat: no draws collected yet; step() collects every thin={self.thin}-th step "
                              f"after warmup={self.warmup} + burnin={self.burnin} steps")
-        return {p: self.state[p]["lambda_hat"] for p in self.prior}
+        if not self.jacobian:  # γ = 0: the mode, which the prior alone would pull to 0
+            return {p: self.state[p]["lambda_hat"] for p in self.prior}
+        return {p: torch.where(self.state[p]["touched"], self.state[p]["lambda_hat"], self.alpha / self.beta)
+                for p in self.prior}
 
     def mask(self, p: float) -> dict[torch.Tensor, torch.Tensor]:
         """Per parameter with a prior, a boolean mask of its coordinates among the top ⌊p·d⌋ by λ̂ over all d of
@@ -190,6 +197,9 @@ class BayesTuneSGLD(torch.optim.Optimizer):
             raise ValueError("state_dict: not a BayesTuneSGLD state (it has no 'bayestune' entry)")
         extra = state_dict.pop("bayestune")
         super().load_state_dict(state_dict)
+        for p in self.prior:  # torch.optim casts every state tensor to its parameter's dtype; a state saved
+            state = self.state[p]  # before touches were kept knows none: the chain's estimate everywhere
+            state["touched"] = state["touched"].bool() if "touched" in state else torch.ones_like(p, dtype=torch.bool)
         self.steps, self.draws = extra["steps"], extra["draws"]
         for kernel, saved in ((self.kernel, extra["kernel"]), (self.head_kernel, extra["head_kernel"])):
             if kernel is not None:  # a generator state must be a CPU tensor, wherever the state was moved

@@ -70,7 +70,8 @@ def stage1(config: RunConfig, run_dir: str | os.PathLike, progress: bool = True)
     estimator = options.lambda_estimator or ("rao-blackwell" if engine.sampler else "draws")
     # the tracked subset is seeded by 0, not the run's seed, so separately run chains can be merged
     posterior = StreamingPosterior(s.lifted.layout, chains=options.chains, n_tracked=options.n_tracked,
-                                   track_delta_moments=options.delta_moments, estimator=estimator, seed=0,
+                                   track_delta_moments=options.delta_moments, estimator=estimator,
+                                   flat_prior=(options.alpha, options.beta) if engine.sampler else None, seed=0,
                                    device=s.lifted.theta_bar.device)
     start = time.perf_counter()
     for chain in range(checkpoint_chain(run_dir), options.chains):

@@ -135,6 +135,8 @@ def test_interrupted_stage1_resumes_bitwise(tmp_path, engine):
     for name in ("lambda", "delta", "loss", "log_joint"):
         assert torch.equal(resumed.trace(name), whole.trace(name)), name
     assert all(torch.equal(a, b) for a, b in zip(resumed_head, whole_head))
+    assert (resumed.touched is None) == (whole.touched is None)
+    assert whole.touched is None or torch.equal(resumed.touched, whole.touched)
 
 
 def test_a_pickle_or_broken_checkpoint_is_a_one_line_error_naming_the_file(tmp_path, capsys):

@@ -197,7 +197,7 @@ def run_bench(base: dict, tasks: list[str], methods: list[str], budgets: list[fl
     jsonl = out / "cells.jsonl"
     grid = cells(tasks, methods, budgets, seeds)
     # every cell is validated before the first one runs
-    configs = [_cell_config(base, c, data_root, {**per_method.get(c.method, {}), **per_task.get(c.task, {})})
+    configs = [cell_config(base, c, data_root, {**per_method.get(c.method, {}), **per_task.get(c.task, {})})
                for c in grid]
     for method, overrides in per_method.items():  # an option the method does not have would be dropped silently
         config = next(c for cell, c in zip(grid, configs) if cell.method == method)
@@ -276,7 +276,7 @@ def _run_cell(cell: Cell, config: RunConfig, out: Path) -> dict:
     return record
 
 
-def _cell_config(base: dict, cell: Cell, data_root: str | None, overrides: dict) -> RunConfig:
+def cell_config(base: dict, cell: Cell, data_root: str | None, overrides: dict) -> RunConfig:
     cell_values = {**overrides, "method": cell.method, "task": cell.task, "seed": cell.seed, "data_seed": cell.seed,
                    "p": cell.p, "threshold": None}
     if data_root is not None:

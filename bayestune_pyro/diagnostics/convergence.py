@@ -168,5 +168,5 @@ def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def chain_agreement(posterior: StreamingPosterior, p: float) -> np.ndarray:
     """(chains, chains) Jaccard overlaps of the top-p sets picked by each chain's own λ̂."""
-    sets = [top_p(posterior.mean[posterior.estimate][c], p, posterior.layout).index for c in range(posterior.chains)]
+    sets = [top_p(posterior.chain_estimate(c), p, posterior.layout).index for c in range(posterior.chains)]
     return np.array([[jaccard(a, b) for b in sets] for a in sets])

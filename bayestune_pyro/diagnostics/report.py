@@ -158,6 +158,7 @@ def _page(run_dir: Path, posterior: StreamingPosterior, config: RunConfig, idata
         "stage-1 seconds": posterior.meta.get("seconds"), "N̂": config.n_hat, "α, β": f"{config.alpha}, {config.beta}",
         "lr (θ), lr (log λ)": f"{config.lr}, {config.lr_lambda}",
         "engine": f"{config.inference} ({ENGINES.get(config.inference).kind})",
+        "coordinates the data never touched": _untouched(posterior),
         "engine options": ", ".join(f"{k}={v}" for k, v in config.engine_options.to_dict().items())
         if config.engine_options is not None else "none",
         "steps: warm-up / burn-in / sampling, thin":
@@ -246,6 +247,15 @@ def _stability(agreement: np.ndarray | None) -> tuple[str, str, str]:
     mean = float((agreement.sum() - c) / (c * (c - 1)))
     status = "ok" if mean >= AGREEMENT_OK else "caution" if mean >= AGREEMENT_CAUTION else "fail"
     return "Mask stability", status, f"mean Jaccard overlap of the chains' top-p sets {mean:.2f}"
+
+
+def _untouched(posterior: StreamingPosterior) -> str:
+    n = posterior.untouched
+    if n is None:
+        return "not recorded"
+    where = ("their λ̂ is the prior mean α/β, exactly" if posterior.flat_prior is not None
+             else "a point estimate keeps its own λ̂ there")
+    return f"{n:,} ({n / posterior.d:.1%} of d): {where}"
 
 
 def _metrics(path: Path) -> dict:

@@ -128,12 +128,16 @@ class LangevinKernel(Kernel):
                          {"loss": loss, "log_joint": potential.log_joint(z, loss)},
                          lam_rb if posterior.estimator == "rao-blackwell" else None)
 
+    def finish(self, posterior: StreamingPosterior, chain: int) -> None:
+        posterior.add_touched(self.potential.touched)
+
     def release(self) -> None:
         self.potential.release()
 
     def state_dict(self) -> dict:
         return {"z": {k: v.detach() for k, v in self.z.items()}, "head": [p.detach() for p in self.head],
-                "head_opt": self.head_opt.state_dict(), "update": self.update.state_dict()}
+                "head_opt": self.head_opt.state_dict(), "update": self.update.state_dict(),
+                "touched": self.potential.touched}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
@@ -143,6 +147,8 @@ class LangevinKernel(Kernel):
             p.copy_(v)
         self.head_opt.load_state_dict(state["head_opt"])
         self.update.load_state_dict(state["update"])
+        if "touched" in state:  # checkpoints written before it was kept
+            self.potential.touched.copy_(state["touched"])
 
 
 def precond_eps(engine_options, options) -> float:

@@ -10,6 +10,9 @@ Pyro's AutoDelta finds (used with γ = 0; sampling needs the Jacobian).
 Two ways to the same gradient: ``exact`` differentiates the whole Pyro trace; ``fast`` differentiates only the
 observation site of the trace and adds the model's closed-form prior gradient (agreement is tested).
 
+The fast path also keeps ``touched``: the coordinates on which some minibatch's likelihood gradient was nonzero.
+Off it the likelihood does not depend on θ_i, so (θ_i, λ_i) keep their prior exactly (see ``posterior``).
+
 ``lambda_space="linear"`` is the original code's parameterisation (fast path only): z_λ = λ itself, read as
 max(λ, 10⁻⁸), with no Jacobian; ``clip_likelihood`` clips the likelihood gradient of the network (θ and head) to
 that total norm before the prior is added, as the original code's ``clip_grad_norm_`` did.
@@ -57,6 +60,8 @@ class Potential:
         self.grads = {k: torch.zeros_like(v) for k, v in z.items()}
         self.work = tuple(torch.empty_like(theta_bar) for _ in range(3))
         self.placeholder = theta_bar.new_ones(()).expand_as(theta_bar)
+        self.touched = torch.zeros_like(theta_bar, dtype=torch.bool)
+        self._nonzero = torch.empty_like(self.touched)
         self.model.lifted.bind(z["theta"], self.grads["theta"])
         return z
 
@@ -126,6 +131,7 @@ class Potential:
             distributed.average_([grads["theta"], nll, *head], len(batch["labels"]))
         if self.clip_likelihood is not None:
             torch.nn.utils.clip_grad_norm_(self.model.lifted.model.parameters(), self.clip_likelihood)
+        self.touched.logical_or_(torch.ne(grads["theta"], 0, out=self._nonzero))
         if not with_prior:
             return nll, {"theta": grads["theta"]}
         self.model.prior_grad_(z["theta"], z["lambda"], grads["theta"], grads["lambda"], 1.0 / self.model.n_hat,
