@@ -2,6 +2,7 @@
 the Gibbs step for λ, and a γ/N̂/lr_λ grid chosen on the validation split."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -223,14 +224,19 @@ def test_diagnostics_judge_the_draws_that_lambda_hat_averages(tmp_path):
     from bayestune_pyro.diagnostics.convergence import assess
     from bayestune_pyro.diagnostics.inference_data import to_inference_data
 
-    config = RunConfig.from_dict(TINY)
+    config = RunConfig.from_dict({**TINY, "n_tracked": 512})  # the data touch 3% of tiny-bert's coordinates
     run(config, tmp_path / "rb", progress=False)
     post = StreamingPosterior.load(tmp_path / "rb")
     idata = to_inference_data(post, config)
     rb = LambdaConditional(config.alpha, config.beta, dtype=torch.float64).mean(post.trace("delta").double().abs())
     assert torch.allclose(torch.from_numpy(idata.posterior["lambda_rb"].values), rb)
-    # the RB draws average to the posterior's λ̂ of the tracked coordinates
-    assert torch.allclose(rb.mean((0, 1)), post.lambda_mean[post.tracked_index].double(), rtol=1e-3)
+    # the RB draws average to the posterior's λ̂ of the tracked coordinates the data touched; the others' is α/β
+    touched = post.touched[post.tracked_index]
+    assert 0 < touched.sum() < touched.numel()
+    assert np.array_equal(idata.posterior.coords["touched"].values, touched.numpy())
+    hat = post.lambda_mean[post.tracked_index]
+    assert torch.allclose(rb.mean((0, 1))[touched], hat[touched].double(), rtol=1e-3)
+    assert torch.all(hat[~touched] == torch.tensor(config.alpha / config.beta, dtype=hat.dtype))
     convergence = assess(idata)
     assert convergence.variable == "lambda_rb"
     assert all(label in idata.posterior.coords["coordinate"].values for label in convergence.worst(3))

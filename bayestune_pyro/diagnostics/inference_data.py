@@ -3,7 +3,8 @@
 - ``posterior``: ``lambda`` (λ), ``log_lambda`` and ``delta`` (θ − θ̄) of the K tracked coordinates, dims
   (chain, draw, coordinate), and, with the Rao-Blackwellised estimator, ``lambda_rb`` = E[λ | θ] of each draw
   (the quantity λ̂ averages) and ``log_lambda_rb``; a coordinate is labelled
-  ``<parameter tensor>[<flat index within it>]`` and carries ``flat_index``, its index into θ.
+  ``<parameter tensor>[<flat index within it>]`` and carries ``flat_index``, its index into θ, and (when the run
+  recorded it) ``touched``: whether a likelihood gradient ever reached it (if not, λ̂ there is α/β, not these draws).
 - ``sample_stats``: ``log_joint`` (log p(θ, λ, B) on the N̂ scale), ``potential`` (−log_joint), ``loss`` (the
   minibatch mean NLL), ``step_size`` (lr) and ``temperature`` (γ²; 0 for MAP, NaN for VI).
 - ``attrs``: the run configuration (flat names), the engine's kind (``sampler``, ``point``, ...), the λ̂
@@ -76,6 +77,8 @@ def to_inference_data(posterior: StreamingPosterior, config: RunConfig) -> az.In
                             "counts": posterior.counts}),
     )
     idata.posterior.coords["flat_index"] = ("coordinate", index.numpy())
+    if posterior.touched is not None:
+        idata.posterior.coords["touched"] = ("coordinate", posterior.touched[posterior.tracked_index].cpu().numpy())
     return idata
 
 
